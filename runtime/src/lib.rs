@@ -1,0 +1,160 @@
+//! Process plumbing shared by every long-running ebb process: the shutdown
+//! signal, logging set-up, flag parsers and the Prometheus text encoder.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+
+/// Resolves on the first SIGTERM or SIGINT.
+///
+/// Kubernetes sends SIGTERM when it stops a pod; people press Ctrl-C. Both
+/// mean "stop taking work, finish what you have, exit".
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+            }
+        }
+        (term, int) => {
+            // Installing a handler only fails when the runtime has no signal
+            // driver; fall back to Ctrl-C so the process can still be stopped.
+            tracing::warn!(
+                term_ok = term.is_ok(),
+                int_ok = int.is_ok(),
+                "signal handlers unavailable; only Ctrl-C stops this process"
+            );
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("expected `text` or `json`, got `{other}`")),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber writing to stderr.
+///
+/// The filter comes from `RUST_LOG` (or `EBB_LOG`), defaulting to `info`.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("EBB_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Parses a duration flag: `30s`, `500ms`, `5m`, `1h30m`, or a bare number of
+/// seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("expected a duration such as 30s, 500ms or 5m, got an empty value".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("expected a duration such as 30s, 500ms or 5m, got `{t}` ({e})"))
+}
+
+/// Parses a byte size flag: `1048576`, `512KiB`, `6MiB`, `1GiB` (also `k`, `M`, `KB`…, all
+/// binary multiples).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size such as 1048576, 512KiB or 6MiB, got `{t}`"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{t}`: use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{t}` is too large"))
+}
+
+/// Encodes a registry in the Prometheus text format (OpenMetrics flavour).
+pub fn encode_metrics(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// The content type of [`encode_metrics`] output.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        let err = parse_duration("soon").unwrap_err();
+        assert!(err.contains("`soon`"), "{err}");
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("6MiB"), Ok(6 << 20));
+        assert_eq!(parse_bytes("512k"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert!(parse_bytes("12 parsecs").unwrap_err().contains("parsecs"));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn log_format() {
+        assert_eq!("json".parse(), Ok(LogFormat::Json));
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert!("xml".parse::<LogFormat>().is_err());
+    }
+}
