@@ -194,7 +194,9 @@ pub async fn run_on(
         let stop = stop_server.clone();
         axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await })
     };
-    let mut serve = Box::pin(async move { serve.await });
+    // The server runs in its own task, so that it keeps accepting (and
+    // answering probes) while this task waits for the drain.
+    let mut serve = tokio::spawn(async move { serve.await });
     tracing::info!(%addr, mode = ?config.mode, max_inflight = config.max_inflight, "worker listening");
 
     let mut handler = handler;
@@ -205,7 +207,7 @@ pub async fn run_on(
         let startup = proxy::wait_until_up(&config, &state, handler.as_mut());
         tokio::select! {
             r = startup => r?,
-            r = &mut serve => return Err(Error::Serve(r.err().unwrap_or_else(|| std::io::Error::other("server stopped")))),
+            r = &mut serve => return Err(server_stopped(r)),
             () = &mut shutdown => {
                 if let Some(h) = handler.as_mut() { h.stop(Duration::from_secs(5)).await; }
                 return Ok(Outcome::Drained);
@@ -221,9 +223,7 @@ pub async fn run_on(
             tracing::error!(%status, "handler exited");
             return Err(Error::HandlerExited { status });
         }
-        r = &mut serve => {
-            return Err(Error::Serve(r.err().unwrap_or_else(|| std::io::Error::other("server stopped"))));
-        }
+        r = &mut serve => return Err(server_stopped(r)),
     }
 
     // Phase 2: drain. Ready turns 503 and new calls are refused with 503
@@ -243,14 +243,27 @@ pub async fn run_on(
             Outcome::CutOff(left)
         }
     };
+    // Calls still running are answered 503 now; fork children are killed
+    // with their process groups.
+    state.cut_off();
     stop_server.cancel();
     // Idle keep-alive connections close at once; give the rest a short bound.
-    let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut serve)
+        .await
+        .is_err()
+    {
+        serve.abort();
+    }
     if let Some(h) = handler.as_mut() {
         h.stop(Duration::from_secs(5)).await;
     }
-    // Dropping the state cuts off what is still running (fork children are
-    // killed with their process group).
-    state.cut_off();
     Ok(outcome)
+}
+
+fn server_stopped(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Error {
+    match r {
+        Ok(Ok(())) => Error::Serve(std::io::Error::other("server stopped unexpectedly")),
+        Ok(Err(e)) => Error::Serve(e),
+        Err(e) => Error::Serve(std::io::Error::other(e.to_string())),
+    }
 }

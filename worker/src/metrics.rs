@@ -1,6 +1,6 @@
 //! The worker's Prometheus metrics.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,16 +12,26 @@ pub struct StatusLabels {
     pub status: u16,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum RefusalReason {
     Busy,
     Draining,
     TooLarge,
 }
 
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::Draining => "draining",
+            Self::TooLarge => "too_large",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    pub reason: RefusalReason,
+    pub reason: &'static str,
 }
 
 /// Handles of the worker's metrics, registered into the registry that its

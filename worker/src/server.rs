@@ -184,7 +184,9 @@ fn refusal(state: &State, reason: RefusalReason) -> Response {
     state
         .metrics
         .refused
-        .get_or_create(&RefusalLabels { reason })
+        .get_or_create(&RefusalLabels {
+            reason: reason.as_str(),
+        })
         .inc();
     let mut resp = text(status, msg);
     let h = resp.headers_mut();
