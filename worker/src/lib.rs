@@ -192,6 +192,10 @@ pub async fn run_on(
     let stop_server = tokio_util::sync::CancellationToken::new();
     let serve = {
         let stop = stop_server.clone();
+        // Answers are small and latency matters more than packet count.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await })
     };
     // The server runs in its own task, so that it keeps accepting (and
