@@ -167,6 +167,7 @@ wait_ready() {
     return 1
 }
 
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # Samples the RSS of pid $1 every 100 ms into file $2 (peak, kB); sets SAMPLER_PID.
@@ -263,7 +264,13 @@ bench_worker() {
     echo "$IDLE_KB" >"$peak_file"
     start_rss_sampler "$wpid" "$peak_file"
     local sampler=$SAMPLER_PID rc=0
+    local cpu0
+    cpu0=$(cpu_ticks "$wpid")
     run_load "$name" "http://127.0.0.1:$port/" "$duration" "$conns" || rc=$?
+    # CPU the worker process itself spent per answered request (warm-up included
+    # in the ticks but not in the count, so this slightly overstates it).
+    CPU_US=$(awk -v t="$(($(cpu_ticks "$wpid") - cpu0))" -v hz="$(getconf CLK_TCK)" \
+        -v n="$(json_num "${LAST_JSON:-}" ok)" 'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "n/a" }')
     note_children "$wpid"
     stop_bg "$sampler"
     PEAK_KB=$(cat "$peak_file")
@@ -281,7 +288,7 @@ if ((have_worker)); then
         "$EBB" worker --listen "127.0.0.1:$p" --mode http --upstream "http://127.0.0.1:$q" \
         --max-inflight "$MAX_INFLIGHT" -- "$UPSTREAM" --listen "127.0.0.1:$q" ||
         die "worker http run failed"
-    HTTP=$RUN_JSON http_idle_kb=$IDLE_KB http_peak_kb=$PEAK_KB
+    HTTP=$RUN_JSON http_idle_kb=$IDLE_KB http_peak_kb=$PEAK_KB http_cpu_us=$CPU_US
 
     # ------------------------------------------------------------ 3. worker, fork mode
     p=$(free_port)
@@ -289,7 +296,7 @@ if ((have_worker)); then
     bench_worker worker-fork "$FORK_DURATION" "$FORK_CONNECTIONS" "$p" \
         "$EBB" worker --listen "127.0.0.1:$p" --mode fork --max-inflight "$MAX_INFLIGHT" -- cat ||
         die "worker fork run failed"
-    FORK=$RUN_JSON fork_idle_kb=$IDLE_KB fork_peak_kb=$PEAK_KB
+    FORK=$RUN_JSON fork_idle_kb=$IDLE_KB fork_peak_kb=$PEAK_KB fork_cpu_us=$CPU_US
 fi
 
 # ---------------------------------------------------------------- report
@@ -327,6 +334,8 @@ if [[ -n $HTTP ]]; then
     echo "| added p50 latency | $(delta "$(json_num "$DIRECT" p50_us)" "$(json_num "$HTTP" p50_us)") |"
     echo "| added p99 latency | $(delta "$(json_num "$DIRECT" p99_us)" "$(json_num "$HTTP" p99_us)") |"
 fi
+echo "| worker CPU per request, http mode | ${http_cpu_us:-n/a} µs |"
+echo "| worker CPU per request, fork mode (without the children) | ${fork_cpu_us:-n/a} µs |"
 echo "| worker RSS idle, http mode | $(mib "$http_idle_kb") |"
 echo "| worker RSS peak under load, http mode | $(mib "$http_peak_kb") |"
 echo "| worker RSS idle, fork mode | $(mib "$fork_idle_kb") |"
