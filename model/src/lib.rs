@@ -25,12 +25,14 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
+mod catalog;
 mod error;
 mod keys;
 mod spec;
 mod stack;
 mod values;
 
+pub use catalog::{Catalog, Function};
 pub use error::{ConfigError, StackError};
 pub use spec::{
     ANNOTATION_PREFIX, Concurrency, DEFAULT_NAMESPACE, FunctionSpec, KafkaOrdering, Prometheus,
