@@ -37,7 +37,7 @@ enum Command {
     Worker(WorkerArgs),
     /// Consume a source and deliver its events to functions (not implemented yet).
     #[command(subcommand)]
-    Connector(ConnectorKind),
+    Connector(Box<ConnectorKind>),
     /// Scale functions with their backlog (not implemented yet).
     Autoscaler(AutoscalerArgs),
     /// Publish one event to a topic (not implemented yet).
@@ -115,17 +115,96 @@ struct ConnectorArgs {
     /// Address of /_/health, /_/ready and /metrics.
     #[arg(long, env = "EBB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     admin_addr: SocketAddr,
+    /// The autoscaler, woken when a function has no ready replica (e.g. http://ebb-autoscaler:9091).
+    #[arg(long, env = "EBB_AUTOSCALER_URL")]
+    autoscaler_url: Option<String>,
+    /// How long an event waits for a ready replica before that counts as a failed attempt.
+    #[arg(long, env = "EBB_HOLD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    hold_timeout: Duration,
+    /// File holding the secret for the `ebb-signature` header (HMAC-SHA256).
+    #[arg(long, env = "EBB_SIGNING_SECRET_FILE")]
+    signing_secret_file: Option<PathBuf>,
+    /// On shutdown, how long in-flight calls may take to finish.
+    #[arg(long, env = "EBB_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Deliveries in flight across all functions.
+    #[arg(long, env = "EBB_MAX_INFLIGHT_TOTAL", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
+    max_inflight_total: u32,
+    /// Smallest delay between retries (doubling up to --retry-max-delay, with full jitter).
+    #[arg(long, env = "EBB_RETRY_BASE_DELAY", default_value = "200ms", value_parser = parse_duration)]
+    retry_base_delay: Duration,
+    /// Largest delay between retries.
+    #[arg(long, env = "EBB_RETRY_MAX_DELAY", default_value = "60s", value_parser = parse_duration)]
+    retry_max_delay: Duration,
+    /// How often a stack file is checked for changes.
+    #[arg(long, env = "EBB_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum NatsMode {
+    /// JetStream: durable, at-least-once, retries and dead letters.
+    Jetstream,
+    /// Core NATS: queue groups, at-most-once, request/reply.
+    Core,
+}
+
+#[derive(Debug, Args)]
+struct NatsArgs {
+    #[command(flatten)]
+    common: ConnectorArgs,
+    #[arg(long, env = "EBB_NATS_MODE", value_enum, default_value = "jetstream")]
+    mode: NatsMode,
+    /// The JetStream stream capturing every topic.
+    #[arg(long, env = "EBB_STREAM", default_value = "EBB")]
+    stream: String,
+    /// Maximum age of messages in the stream (0 = unlimited).
+    #[arg(long, env = "EBB_STREAM_MAX_AGE", default_value = "0s", value_parser = parse_duration)]
+    stream_max_age: Duration,
+    /// Maximum size of the stream, e.g. 10GiB (0 = unlimited).
+    #[arg(long, env = "EBB_STREAM_MAX_BYTES", default_value = "0", value_parser = parse_bytes)]
+    stream_max_bytes: u64,
+    /// The stream capturing dead-letter subjects.
+    #[arg(long, env = "EBB_DEAD_LETTER_STREAM", default_value = "EBB_DEAD")]
+    dead_letter_stream: String,
+    /// How long dead letters are kept.
+    #[arg(long, env = "EBB_DEAD_LETTER_MAX_AGE", default_value = "14d", value_parser = parse_duration)]
+    dead_letter_max_age: Duration,
+    /// The consumers' ack wait (extended with +WPI while a call or hold lasts).
+    #[arg(long, env = "EBB_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    ack_wait: Duration,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "EBB_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS token.
+    #[arg(long, env = "EBB_NATS_TOKEN")]
+    nats_token: Option<String>,
+    #[arg(long, env = "EBB_NATS_USER")]
+    nats_user: Option<String>,
+    #[arg(long, env = "EBB_NATS_PASSWORD")]
+    nats_password: Option<String>,
+    /// CA certificate (PEM) to verify the server.
+    #[arg(long, env = "EBB_NATS_TLS_CA")]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "EBB_NATS_TLS_CERT")]
+    nats_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "EBB_NATS_TLS_KEY")]
+    nats_tls_key: Option<PathBuf>,
+    /// Refuse a connection without TLS.
+    #[arg(long, env = "EBB_NATS_TLS_REQUIRED")]
+    nats_tls_required: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum ConnectorKind {
     /// NATS JetStream (or core NATS).
-    Nats(ConnectorArgs),
-    /// RabbitMQ (AMQP 0-9-1).
+    Nats(Box<NatsArgs>),
+    /// RabbitMQ (AMQP 0-9-1) (not implemented yet).
     Amqp(ConnectorArgs),
-    /// Kafka.
+    /// Kafka (not implemented yet).
     Kafka(ConnectorArgs),
-    /// Cron schedules.
+    /// Cron schedules (not implemented yet).
     Cron(ConnectorArgs),
 }
 
@@ -140,8 +219,12 @@ struct AutoscalerArgs {
 
 #[derive(Debug, Args)]
 struct PublishArgs {
+    /// Publish to NATS at this URL (JetStream, waiting for the stream's ack).
     #[arg(long, env = "EBB_NATS_URL")]
     nats: Option<String>,
+    /// With --nats: a plain core NATS publish, no stream ack.
+    #[arg(long)]
+    core: bool,
     #[arg(long, env = "EBB_AMQP_URL")]
     amqp: Option<String>,
     #[arg(long, env = "EBB_KAFKA_BROKERS")]
@@ -177,14 +260,17 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Worker(args) => run_worker(args).await,
-            Command::Connector(kind) => not_implemented(match kind {
-                ConnectorKind::Nats(_) => "connector nats",
-                ConnectorKind::Amqp(_) => "connector amqp",
-                ConnectorKind::Kafka(_) => "connector kafka",
-                ConnectorKind::Cron(_) => "connector cron",
-            }),
+            Command::Connector(kind) => match *kind {
+                ConnectorKind::Nats(args) => run_nats(*args).await,
+                kind => not_implemented(match kind {
+                    ConnectorKind::Nats(_) => "connector nats",
+                    ConnectorKind::Amqp(_) => "connector amqp",
+                    ConnectorKind::Kafka(_) => "connector kafka",
+                    ConnectorKind::Cron(_) => "connector cron",
+                }),
+            },
             Command::Autoscaler(_) => not_implemented("autoscaler"),
-            Command::Publish(_) => not_implemented("publish"),
+            Command::Publish(args) => run_publish(args).await,
             Command::Dev(_) => not_implemented("dev"),
             Command::Deploy(_) => not_implemented("deploy"),
         }
@@ -220,6 +306,164 @@ async fn run_worker(args: WorkerArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ebb worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line naming what is wrong, exit 2, as clap does for bad flags.
+fn config_error(what: &str, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ebb {what}: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn connector_common(a: &ConnectorArgs) -> Result<ebb_connectors::app::CommonOptions, String> {
+    let functions = match (&a.source.functions, a.source.kubernetes) {
+        (Some(path), false) => ebb_connectors::app::FunctionsFrom::Stack {
+            path: path.clone(),
+            reload_every: a.reload_interval,
+        },
+        _ => return Err("--kubernetes: function discovery from Kubernetes is not implemented yet; use --functions STACK.yaml".into()),
+    };
+    if a.retry_base_delay.is_zero() || a.retry_base_delay > a.retry_max_delay {
+        return Err("--retry-base-delay must be above 0 and at most --retry-max-delay".into());
+    }
+    Ok(ebb_connectors::app::CommonOptions {
+        functions,
+        admin_addr: Some(a.admin_addr),
+        autoscaler_url: a.autoscaler_url.clone(),
+        hold_timeout: a.hold_timeout,
+        signing_secret_file: a.signing_secret_file.clone(),
+        backoff: ebb_connectors::retry::Backoff {
+            base: a.retry_base_delay,
+            cap: a.retry_max_delay,
+        },
+    })
+}
+
+async fn run_nats(args: NatsArgs) -> ExitCode {
+    let common = match connector_common(&args.common) {
+        Ok(c) => c,
+        Err(e) => return config_error("connector nats", e),
+    };
+    let cfg = ebb_connectors::nats::NatsConfig {
+        url: args
+            .common
+            .url
+            .clone()
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+        mode: match args.mode {
+            NatsMode::Jetstream => ebb_connectors::nats::Mode::JetStream,
+            NatsMode::Core => ebb_connectors::nats::Mode::Core,
+        },
+        auth: ebb_connectors::nats::Auth {
+            creds_file: args.nats_creds,
+            token: args.nats_token,
+            user: args.nats_user,
+            password: args.nats_password,
+            tls_ca: args.nats_tls_ca,
+            tls_cert: args.nats_tls_cert,
+            tls_key: args.nats_tls_key,
+            tls_required: args.nats_tls_required,
+        },
+        stream: args.stream,
+        stream_max_age: args.stream_max_age,
+        stream_max_bytes: i64::try_from(args.stream_max_bytes).unwrap_or(i64::MAX),
+        dead_stream: args.dead_letter_stream,
+        dead_max_age: args.dead_letter_max_age,
+        ack_wait: args.ack_wait,
+        max_inflight_total: args.common.max_inflight_total as usize,
+        drain_timeout: args.common.drain_timeout,
+    };
+    match ebb_connectors::app::run_nats(common, cfg, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => config_error("connector nats", e),
+        Err(e) => {
+            eprintln!("ebb connector nats: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the payload argument: literal text, `@FILE`, or `-` for stdin.
+fn read_payload(data: &str) -> Result<Vec<u8>, String> {
+    if data == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        Ok(buf)
+    } else if let Some(path) = data.strip_prefix('@') {
+        std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))
+    } else {
+        Ok(data.as_bytes().to_vec())
+    }
+}
+
+/// Parses `-H Name:value` flags.
+fn parse_headers(raw: &[String]) -> Result<http::HeaderMap, String> {
+    let mut h = http::HeaderMap::new();
+    for item in raw {
+        let Some((name, value)) = item.split_once(':') else {
+            return Err(format!("-H {item:?}: expected Name:value"));
+        };
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("-H {item:?}: {:?} is not a valid header name", name.trim()))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("-H {item:?}: the value is not a valid header value"))?;
+        h.append(name, value);
+    }
+    Ok(h)
+}
+
+async fn run_publish(args: PublishArgs) -> ExitCode {
+    let headers = match parse_headers(&args.headers) {
+        Ok(h) => h,
+        Err(e) => return config_error("publish", e),
+    };
+    let body = match read_payload(&args.data) {
+        Ok(b) => b,
+        Err(e) => return config_error("publish", e),
+    };
+    let Some(url) = args.nats.clone() else {
+        if args.amqp.is_some() || args.kafka.is_some() || args.dev.is_some() {
+            return not_implemented("publish (only --nats works today)");
+        }
+        return config_error("publish", "say where to publish: --nats URL");
+    };
+    let cfg = ebb_connectors::nats::NatsConfig {
+        url,
+        ..Default::default()
+    };
+    let client = match tokio::time::timeout(
+        Duration::from_secs(10),
+        ebb_connectors::nats::connect(
+            &cfg,
+            "ebb-publish",
+            &tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            eprintln!("ebb publish: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!("ebb publish: cannot connect to {} within 10s", cfg.url);
+            return ExitCode::FAILURE;
+        }
+    };
+    match ebb_connectors::nats::publish(&client, &args.topic, &headers, body.into(), args.core)
+        .await
+    {
+        Ok(Some(seq)) => {
+            eprintln!("published to {} (stream sequence {seq})", args.topic);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ebb publish: {e}");
             ExitCode::FAILURE
         }
     }

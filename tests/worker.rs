@@ -46,7 +46,6 @@ impl Worker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn ebb worker");
         let w = Worker {
@@ -153,6 +152,27 @@ fn gated_handler(gate: &Path) -> String {
         "cat >/dev/null; while [ ! -e '{}' ]; do sleep 0.02; done; echo done",
         gate.display()
     )
+}
+
+impl Drop for Worker {
+    /// Stops the worker the way Kubernetes does (SIGTERM, then SIGKILL), so
+    /// that an http-mode worker stops its handler instead of orphaning it.
+    #[allow(clippy::disallowed_methods)] // Drop cannot await; a short poll is fine in tests.
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Some(id) = self.child.id() {
+            let _ = kill(Pid::from_raw(id as i32), Signal::SIGTERM);
+            for _ in 0..150 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.start_kill();
+    }
 }
 
 /// Alive means running: not gone, and not a zombie waiting to be reaped.

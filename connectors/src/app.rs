@@ -1,0 +1,149 @@
+//! Wiring of a connector process: catalog source, metrics, admin server,
+//! engine and the source itself. The binary only maps flags onto these options.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ebb_model::Catalog;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::admin::{self, Readiness};
+use crate::engine::{Engine, EngineConfig};
+use crate::event::Signer;
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+
+/// Where functions come from.
+#[derive(Debug, Clone)]
+pub enum FunctionsFrom {
+    /// A stack file, reloaded when it changes.
+    Stack {
+        path: PathBuf,
+        reload_every: Duration,
+    },
+    /// A catalog published by the caller (Kubernetes discovery, `ebb dev`).
+    Catalog(watch::Receiver<Arc<Catalog>>),
+}
+
+/// Options every connector shares.
+#[derive(Debug, Clone)]
+pub struct CommonOptions {
+    pub functions: FunctionsFrom,
+    pub admin_addr: Option<SocketAddr>,
+    pub autoscaler_url: Option<String>,
+    pub hold_timeout: Duration,
+    pub signing_secret_file: Option<PathBuf>,
+    pub backoff: Backoff,
+}
+
+/// What a running connector shares with its source.
+pub struct Parts {
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub engine: Arc<Engine>,
+    pub ready: Arc<Readiness>,
+    pub registry: Arc<Registry>,
+    stop_background: CancellationToken,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Parts {
+    /// Sets up catalog, metrics, engine and admin server.
+    pub async fn start(opts: CommonOptions) -> Result<Parts, Error> {
+        let signer = match &opts.signing_secret_file {
+            Some(p) => {
+                let key = std::fs::read(p).map_err(|source| Error::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                let key = trim_ascii_end(key);
+                if key.is_empty() {
+                    return Err(Error::Config(format!(
+                        "--signing-secret-file {}: the file is empty; put the shared secret in it",
+                        p.display()
+                    )));
+                }
+                Some(Signer::new(key))
+            }
+            None => None,
+        };
+        let stop_background = CancellationToken::new();
+        let mut background = Vec::new();
+        let catalog = match opts.functions {
+            FunctionsFrom::Stack { path, reload_every } => {
+                let (rx, task) =
+                    crate::catalog::watch_stack(path, reload_every, stop_background.clone())
+                        .await?;
+                background.push(task);
+                rx
+            }
+            FunctionsFrom::Catalog(rx) => rx,
+        };
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let registry = Arc::new(registry);
+        let ready = Arc::new(Readiness::default());
+        if let Some(addr) = opts.admin_addr {
+            let router = admin::router(registry.clone(), ready.clone());
+            background.push(admin::serve(addr, router, stop_background.clone()).await?);
+        }
+        let engine = Arc::new(Engine::new(
+            EngineConfig {
+                backoff: opts.backoff,
+                hold_timeout: opts.hold_timeout,
+                signer,
+                ..EngineConfig::default()
+            },
+            opts.autoscaler_url,
+            metrics,
+            CancellationToken::new(),
+        )?);
+        Ok(Parts {
+            catalog,
+            engine,
+            ready,
+            registry,
+            stop_background,
+            background,
+        })
+    }
+
+    /// Stops the admin server and the catalog source.
+    pub async fn stop(self) {
+        self.stop_background.cancel();
+        for t in self.background {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+fn trim_ascii_end(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.pop();
+    }
+    v
+}
+
+/// Runs the NATS connector process until `shutdown`.
+pub async fn run_nats(
+    common: CommonOptions,
+    nats: crate::nats::NatsConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let parts = Parts::start(common).await?;
+    let r = crate::nats::run(
+        nats,
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        parts.ready.clone(),
+        shutdown,
+    )
+    .await;
+    parts.stop().await;
+    r
+}
