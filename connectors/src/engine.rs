@@ -11,6 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use ebb_model::FunctionSpec;
 use http::HeaderMap;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -161,6 +165,26 @@ impl Waker {
     }
 }
 
+/// A function as the engine delivers to it: its settings, its parsed URL and
+/// its metric handles, built once per function rather than per event.
+pub struct Target {
+    pub spec: Arc<FunctionSpec>,
+    /// `namespace/name`.
+    pub key: String,
+    pub uri: http::Uri,
+    m: TargetMetrics,
+}
+
+struct TargetMetrics {
+    ok: prometheus_client::metrics::counter::Counter,
+    failed: prometheus_client::metrics::counter::Counter,
+    hold: prometheus_client::metrics::counter::Counter,
+    duration: prometheus_client::metrics::histogram::Histogram,
+    inflight: prometheus_client::metrics::gauge::Gauge,
+    retries: prometheus_client::metrics::counter::Counter,
+    delivered: prometheus_client::metrics::counter::Counter,
+}
+
 /// Settings of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -185,7 +209,7 @@ impl Default for EngineConfig {
 
 /// Delivers events to functions over HTTP.
 pub struct Engine {
-    client: reqwest::Client,
+    http: Client<HttpConnector, Full<Bytes>>,
     config: EngineConfig,
     waker: Waker,
     metrics: Metrics,
@@ -207,9 +231,16 @@ impl Engine {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
         Ok(Self {
-            waker: Waker::new(autoscaler_url, client.clone(), metrics.clone()),
-            client,
+            waker: Waker::new(autoscaler_url, client, metrics.clone()),
+            http,
             config,
             metrics,
             stopping,
@@ -224,101 +255,128 @@ impl Engine {
         &self.stopping
     }
 
+    /// Prepares delivery to `spec`: parses its URL (`ebb.io/url` or the
+    /// Service default) and creates its metric series.
+    pub fn target(&self, spec: Arc<FunctionSpec>) -> Result<Arc<Target>, Error> {
+        let key = format!("{}/{}", spec.namespace, spec.name);
+        let raw = function_url(&spec);
+        let uri: http::Uri = raw.parse().map_err(|e| {
+            Error::Config(format!(
+                "function {key}: url `{raw}` is not a valid URL ({e}); set ebb.io/url to http://host:port"
+            ))
+        })?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(Error::Config(format!(
+                "function {key}: url `{raw}` must be http://host[:port][/path] (https is not supported yet)"
+            )));
+        }
+        let outcome = |outcome| {
+            self.metrics
+                .attempts
+                .get_or_create(&OutcomeLabels {
+                    function: key.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        let labels = FunctionLabels {
+            function: key.clone(),
+        };
+        let m = TargetMetrics {
+            ok: outcome("ok"),
+            failed: outcome("failed"),
+            hold: outcome("hold"),
+            duration: self.metrics.duration.get_or_create(&labels).clone(),
+            inflight: self.metrics.inflight.get_or_create(&labels).clone(),
+            retries: self.metrics.retries.get_or_create(&labels).clone(),
+            delivered: self
+                .metrics
+                .deliveries
+                .get_or_create(&OutcomeLabels {
+                    function: key.clone(),
+                    outcome: "delivered",
+                })
+                .clone(),
+        };
+        Ok(Arc::new(Target { spec, key, uri, m }))
+    }
+
     /// One call of `event` to `f`.
-    pub async fn call(
-        &self,
-        f: &FunctionSpec,
-        url: &str,
-        event: &Event,
-        attempt: u32,
-    ) -> CallResult {
+    pub async fn call(&self, t: &Target, event: &Event, attempt: u32) -> CallResult {
+        let f = &*t.spec;
         let now_unix = chrono::Utc::now().timestamp();
         let headers = delivery_headers(event, attempt, self.config.signer.as_ref(), now_unix);
         let started = Instant::now();
-        let sent = self
-            .client
-            .post(url)
-            .headers(headers)
-            .timeout(f.timeout)
-            .body(event.body.clone())
-            .send()
-            .await;
-        let result = match sent {
-            Err(e) if e.is_connect() => CallResult::Hold(Hold::NoReplica),
-            Err(e) if e.is_timeout() => CallResult::Failed {
+        let mut req = http::Request::new(Full::new(event.body.clone()));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = t.uri.clone();
+        *req.headers_mut() = headers;
+        let max_response = self.config.max_response;
+        let exchange = async {
+            let resp = self.http.request(req).await.map_err(CallError::Send)?;
+            let (parts, body) = resp.into_parts();
+            let status = parts.status.as_u16();
+            let worker_refusal = matches!(
+                (
+                    status,
+                    parts.headers.get("ebb-worker").map(|v| v.as_bytes())
+                ),
+                (429, Some(b"busy")) | (503, Some(b"draining"))
+            );
+            // A worker's own refusal has nothing worth reading.
+            let body = if worker_refusal {
+                Ok(Bytes::new())
+            } else {
+                read_body(body, max_response).await
+            };
+            Ok::<_, CallError>((parts, body))
+        };
+        let result = match tokio::time::timeout(f.timeout, exchange).await {
+            Err(_) => CallResult::Failed {
                 failure: Failure::Timeout,
                 body: Bytes::new(),
             },
-            Err(e) => CallResult::Failed {
+            Ok(Err(CallError::Send(e))) if e.is_connect() => CallResult::Hold(Hold::NoReplica),
+            Ok(Err(CallError::Send(e))) => CallResult::Failed {
                 failure: Failure::Connection,
-                body: Bytes::from(e.to_string()),
+                body: Bytes::from(error_chain(&e)),
             },
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let worker = resp
-                    .headers()
-                    .get("ebb-worker")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let retry_after = resp
-                    .headers()
+            Ok(Ok((parts, body))) => {
+                let status = parts.status.as_u16();
+                let worker = parts.headers.get("ebb-worker").map(|v| v.as_bytes());
+                let retry_after = parts
+                    .headers
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
-                match (status, worker.as_deref()) {
-                    (429, Some("busy")) => CallResult::Hold(Hold::Busy),
-                    (503, Some("draining")) => CallResult::Hold(Hold::Draining),
-                    _ => {
-                        let ok = (200..300).contains(&status);
-                        match read_body(resp, self.config.max_response).await {
-                            Ok(body) if ok => CallResult::Delivered { status, body },
-                            Ok(body) => CallResult::Failed {
-                                failure: Failure::Status {
-                                    status,
-                                    retry_after,
-                                },
-                                body,
-                            },
-                            // The function did the work but its answer broke
-                            // off: delivered (at-least-once allows a repeat).
-                            Err(_) if ok => CallResult::Delivered {
-                                status,
-                                body: Bytes::new(),
-                            },
-                            Err(e) if e.is_timeout() => CallResult::Failed {
-                                failure: Failure::Timeout,
-                                body: Bytes::new(),
-                            },
-                            Err(_) => CallResult::Failed {
-                                failure: Failure::Status {
-                                    status,
-                                    retry_after,
-                                },
-                                body: Bytes::new(),
-                            },
-                        }
-                    }
+                let ok = (200..300).contains(&status);
+                match (status, worker, body) {
+                    (429, Some(b"busy"), _) => CallResult::Hold(Hold::Busy),
+                    (503, Some(b"draining"), _) => CallResult::Hold(Hold::Draining),
+                    (_, _, Ok(body)) if ok => CallResult::Delivered { status, body },
+                    // The function did the work but its answer broke off:
+                    // delivered (at-least-once allows a repeat).
+                    (_, _, Err(_)) if ok => CallResult::Delivered {
+                        status,
+                        body: Bytes::new(),
+                    },
+                    (_, _, body) => CallResult::Failed {
+                        failure: Failure::Status {
+                            status,
+                            retry_after,
+                        },
+                        body: body.unwrap_or_default(),
+                    },
                 }
             }
         };
-        let function = format!("{}/{}", f.namespace, f.name);
-        let outcome = match &result {
-            CallResult::Delivered { .. } => "ok",
-            CallResult::Failed { .. } => "failed",
-            CallResult::Hold(_) => "hold",
+        match &result {
+            CallResult::Delivered { .. } => t.m.ok.inc(),
+            CallResult::Failed { .. } => t.m.failed.inc(),
+            CallResult::Hold(_) => t.m.hold.inc(),
         };
-        self.metrics
-            .attempts
-            .get_or_create(&OutcomeLabels {
-                function: function.clone(),
-                outcome,
-            })
-            .inc();
         if !matches!(result, CallResult::Hold(_)) {
-            self.metrics
-                .duration
-                .get_or_create(&FunctionLabels { function })
-                .observe(started.elapsed().as_secs_f64());
+            t.m.duration.observe(started.elapsed().as_secs_f64());
         }
         result
     }
@@ -327,27 +385,30 @@ impl Engine {
     /// back for a later retry, or released because the process stops.
     pub async fn deliver<D: Delivery, S: DeadLetterSink>(
         &self,
-        f: &FunctionSpec,
-        url: &str,
+        t: &Target,
         event: &Event,
         mut d: D,
         dead_letters: &S,
     ) {
-        let function = format!("{}/{}", f.namespace, f.name);
-        let labels = FunctionLabels {
-            function: function.clone(),
-        };
-        let inflight = self.metrics.inflight.get_or_create(&labels).clone();
+        let f = &*t.spec;
+        let function = t.key.as_str();
+        let inflight = t.m.inflight.clone();
         inflight.inc();
         let _dec = scopeguard(move || {
             inflight.dec();
         });
 
         let mut attempt = d.attempt().max(1);
+        // When the broker's deadline was last extended (or the event taken):
+        // calls and pauses extend it once a progress interval has passed
+        // since, however short each of them is.
+        let mut extended = Instant::now();
         let mut hold_since: Option<Instant> = None;
         let mut hold_delay = Duration::from_millis(25);
         loop {
-            let result = self.call_extending(&mut d, f, url, event, attempt).await;
+            let result = self
+                .call_extending(&mut d, &mut extended, t, event, attempt)
+                .await;
             let (failure, body) = match result {
                 CallResult::Delivered { body, .. } => {
                     if let Err(e) = d.reply(body).await {
@@ -359,14 +420,14 @@ impl Engine {
                         self.metrics.error("ack");
                         tracing::warn!(function = %function, position = %event.position, error = %e, "ack failed; the event will be redelivered");
                     }
-                    self.outcome(&function, "delivered");
+                    t.m.delivered.inc();
                     return;
                 }
                 CallResult::Hold(hold) => {
                     self.metrics
                         .holds
                         .get_or_create(&ReasonLabels {
-                            function: function.clone(),
+                            function: function.to_string(),
                             reason: hold.label(),
                         })
                         .inc();
@@ -376,13 +437,13 @@ impl Engine {
                     let since = *hold_since.get_or_insert_with(Instant::now);
                     if since.elapsed() < self.config.hold_timeout {
                         if self.stopping.is_cancelled() {
-                            self.release(&mut d, &function, event).await;
+                            self.release(&mut d, function, event).await;
                             return;
                         }
                         let pause = hold_delay;
                         hold_delay = (hold_delay * 2).min(Duration::from_secs(1));
-                        if !self.pause_extending(&mut d, pause).await {
-                            self.release(&mut d, &function, event).await;
+                        if !self.pause_extending(&mut d, &mut extended, pause).await {
+                            self.release(&mut d, function, event).await;
                             return;
                         }
                         continue;
@@ -404,7 +465,7 @@ impl Engine {
             );
             match next {
                 Next::Retry(delay) => {
-                    self.metrics.retries.get_or_create(&labels).inc();
+                    t.m.retries.inc();
                     tracing::info!(function = %function, attempt, failure = %failure.reason(), ?delay, "call failed; will retry");
                     if d.redelivers() {
                         if let Err(e) = d.retry_later(delay).await {
@@ -413,8 +474,8 @@ impl Engine {
                         }
                         return;
                     }
-                    if !self.pause_extending(&mut d, delay).await {
-                        self.release(&mut d, &function, event).await;
+                    if !self.pause_extending(&mut d, &mut extended, delay).await {
+                        self.release(&mut d, function, event).await;
                         return;
                     }
                     attempt += 1;
@@ -509,60 +570,94 @@ impl Engine {
         }
     }
 
-    /// A call, extending the broker's deadline while it lasts.
+    /// A call, extending the broker's deadline while it lasts. `extended`
+    /// is when the deadline was last extended; updated here.
     async fn call_extending<D: Delivery>(
         &self,
         d: &mut D,
-        f: &FunctionSpec,
-        url: &str,
+        extended: &mut Instant,
+        t: &Target,
         event: &Event,
         attempt: u32,
     ) -> CallResult {
         let Some(every) = d.progress_interval() else {
-            return self.call(f, url, event, attempt).await;
+            return self.call(t, event, attempt).await;
         };
-        let call = self.call(f, url, event, attempt);
+        let call = self.call(t, event, attempt);
         tokio::pin!(call);
-        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         loop {
             tokio::select! {
                 r = &mut call => return r,
-                _ = tick.tick() => {
-                    if let Err(e) = d.in_progress().await {
-                        tracing::debug!(error = %e, "cannot extend the ack deadline");
-                    }
+                () = tokio::time::sleep_until(*extended + every) => {
+                    extend(d, extended).await;
                 }
             }
         }
     }
 
-    /// Waits `pause`, extending the deadline; `false` when the process stops first.
-    async fn pause_extending<D: Delivery>(&self, d: &mut D, pause: Duration) -> bool {
+    /// Waits `pause`, extending the deadline whenever a progress interval has
+    /// passed since `extended`; `false` when the process stops first.
+    ///
+    /// A hold is many short pauses (25 ms doubling to 1 s) between calls, so
+    /// the interval is counted across pauses, not within each one: else no
+    /// pause shorter than the interval would ever extend, and the broker
+    /// would redeliver a held event after its ack wait.
+    async fn pause_extending<D: Delivery>(
+        &self,
+        d: &mut D,
+        extended: &mut Instant,
+        pause: Duration,
+    ) -> bool {
         let until = Instant::now() + pause;
         loop {
-            let step = match d.progress_interval() {
-                Some(every) => every.min(until.saturating_duration_since(Instant::now())),
-                None => until.saturating_duration_since(Instant::now()),
-            };
+            let every = d.progress_interval();
+            let wake = every.map_or(until, |every| until.min(*extended + every));
             tokio::select! {
-                () = tokio::time::sleep(step) => {}
+                () = tokio::time::sleep_until(wake) => {}
                 () = self.stopping.cancelled() => return false,
+            }
+            if every.is_some_and(|every| Instant::now() >= *extended + every) {
+                extend(d, extended).await;
             }
             if Instant::now() >= until {
                 return true;
-            }
-            if let Err(e) = d.in_progress().await {
-                tracing::debug!(error = %e, "cannot extend the ack deadline");
             }
         }
     }
 }
 
-async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<Bytes, reqwest::Error> {
+/// Extends the broker's deadline of `d` and notes when.
+async fn extend<D: Delivery>(d: &mut D, extended: &mut Instant) {
+    if let Err(e) = d.in_progress().await {
+        tracing::debug!(error = %e, "cannot extend the ack deadline");
+    }
+    *extended = Instant::now();
+}
+
+enum CallError {
+    Send(hyper_util::client::legacy::Error),
+}
+
+/// An error with its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Reads a response body, keeping at most `max` bytes of it.
+async fn read_body(mut body: hyper::body::Incoming, max: usize) -> Result<Bytes, hyper::Error> {
     let mut out = bytes::BytesMut::new();
-    while let Some(chunk) = resp.chunk().await? {
-        let room = max.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            let room = max.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
     }
     Ok(out.freeze())
 }

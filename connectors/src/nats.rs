@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::engine::{DeadLetterSink, Delivery, Engine, function_url};
+use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
 use crate::event::Event;
 use crate::limit::{Limit, Permit};
 use crate::routing::{covers, minimal_subjects, validate_subject};
@@ -244,10 +244,10 @@ impl Delivery for JsDelivery {
         Some(self.progress)
     }
     async fn ack(&mut self) -> Result<(), Error> {
-        self.msg
-            .double_ack()
-            .await
-            .map_err(|e| Error::Ack(e.to_string()))
+        // A plain ack: if it is lost (connection drop), the broker redelivers
+        // after the ack wait and the function sees a repeat; nothing is lost.
+        // A confirmed ack would cost a round trip per event.
+        self.msg.ack().await.map_err(|e| Error::Ack(e.to_string()))
     }
     async fn retry_later(&mut self, delay: Duration) -> Result<(), Error> {
         self.msg
@@ -554,9 +554,16 @@ async fn reconcile(
             r.limit.set_max(limit);
             continue;
         }
+        let target = match engine.target(f.spec.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                engine.metrics().config_errors.inc();
+                tracing::error!(function = %key, error = %e, "skipping function");
+                continue;
+            }
+        };
         let stop = CancellationToken::new();
         let flimit = Limit::new(limit);
-        let url = function_url(&f.spec);
         let task = match (&js_stream, cfg.mode) {
             (Some(s), Mode::JetStream) => {
                 let consumer = s
@@ -575,8 +582,7 @@ async fn reconcile(
                     .map_err(|e| Error::Broker(format!("consumer for {key}: {e}")))?;
                 tokio::spawn(consume_js(
                     consumer,
-                    f.spec.clone(),
-                    url,
+                    target,
                     cfg.stream.clone(),
                     cfg.ack_wait,
                     flimit.clone(),
@@ -600,8 +606,7 @@ async fn reconcile(
                 tokio::spawn(consume_core(
                     client.clone(),
                     subs,
-                    f.spec.clone(),
-                    url,
+                    target,
                     flimit.clone(),
                     global.clone(),
                     engine.clone(),
@@ -639,8 +644,7 @@ async fn slot(
 #[allow(clippy::too_many_arguments)]
 async fn consume_js(
     consumer: consumer::Consumer<consumer::pull::Config>,
-    spec: Arc<FunctionSpec>,
-    url: String,
+    target: Arc<Target>,
     stream_name: String,
     ack_wait: Duration,
     limit: Arc<Limit>,
@@ -650,9 +654,8 @@ async fn consume_js(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let key = format!("{}/{}", spec.namespace, spec.name);
+    let key = target.key.clone();
     let mut error_delay = Duration::from_millis(100);
-    let url: Arc<str> = url.into();
     'pull: loop {
         // Pull only as many messages as there are free slots: when the
         // function is saturated, nothing is pulled (backpressure).
@@ -715,12 +718,11 @@ async fn consume_js(
                 attempt,
                 progress: ack_wait / 2,
             };
-            let (spec, url, engine, sink) =
-                (spec.clone(), url.clone(), engine.clone(), sink.clone());
+            let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
             tracker.spawn(async move {
                 let _permits = permits;
                 engine
-                    .deliver(&spec, &url, &event, delivery, sink.as_ref())
+                    .deliver(&target, &event, delivery, sink.as_ref())
                     .await;
             });
         }
@@ -732,8 +734,7 @@ async fn consume_js(
 async fn consume_core(
     client: async_nats::Client,
     subs: Vec<async_nats::Subscriber>,
-    spec: Arc<FunctionSpec>,
-    url: String,
+    target: Arc<Target>,
     limit: Arc<Limit>,
     global: Arc<Limit>,
     engine: Arc<Engine>,
@@ -741,9 +742,8 @@ async fn consume_core(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let key = format!("{}/{}", spec.namespace, spec.name);
+    let key = target.key.clone();
     let mut messages = futures::stream::select_all(subs);
-    let url: Arc<str> = url.into();
     loop {
         let Some(permits) = slot(&limit, &global, &stop).await else {
             break;
@@ -773,11 +773,11 @@ async fn consume_core(
             client: client.clone(),
             reply: msg.reply.clone(),
         };
-        let (spec, url, engine, sink) = (spec.clone(), url.clone(), engine.clone(), sink.clone());
+        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
         tracker.spawn(async move {
             let _permits = permits;
             engine
-                .deliver(&spec, &url, &event, delivery, sink.as_ref())
+                .deliver(&target, &event, delivery, sink.as_ref())
                 .await;
         });
     }
