@@ -483,7 +483,7 @@ impl Engine {
                 Next::DeadLetter(reason) => {
                     self.dead_letter(
                         f,
-                        &function,
+                        function,
                         event,
                         &mut d,
                         dead_letters,
