@@ -57,6 +57,16 @@ pub async fn watch_stack(
         source,
     })?;
     let catalog = stack_catalog(&first);
+    // A file that is not a stack file at all is refused at start (exit 2);
+    // single bad functions are skipped. A later broken edit keeps the last
+    // good catalog instead.
+    if let Some(e) = catalog
+        .errors
+        .iter()
+        .find(|e| matches!(e, ebb_model::ConfigError::Syntax { .. }))
+    {
+        return Err(Error::Config(format!("{}: {e}", path.display())));
+    }
     report(&path, &catalog);
     let (tx, rx) = watch::channel(Arc::new(catalog));
     let task = tokio::spawn(async move {
@@ -69,6 +79,15 @@ pub async fn watch_stack(
             match tokio::fs::read_to_string(&path).await {
                 Ok(text) if text != last => {
                     let catalog = stack_catalog(&text);
+                    if let Some(e) = catalog
+                        .errors
+                        .iter()
+                        .find(|e| matches!(e, ebb_model::ConfigError::Syntax { .. }))
+                    {
+                        tracing::error!(file = %path.display(), error = %e, "the stack file is broken; keeping the last good functions");
+                        last = text;
+                        continue;
+                    }
                     report(&path, &catalog);
                     last = text;
                     if tx.send(Arc::new(catalog)).is_err() {

@@ -21,6 +21,7 @@
 pub mod amqp;
 pub mod http;
 pub mod kafka;
+pub mod kube_api;
 pub mod nats;
 pub mod ports;
 pub mod process;
