@@ -317,13 +317,24 @@ fn config_error(what: &str, e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn connector_common(a: &ConnectorArgs) -> Result<ebb_connectors::app::CommonOptions, String> {
+fn connector_common(
+    a: &ConnectorArgs,
+    component: &str,
+) -> Result<ebb_connectors::app::CommonOptions, String> {
     let functions = match (&a.source.functions, a.source.kubernetes) {
         (Some(path), false) => ebb_connectors::app::FunctionsFrom::Stack {
             path: path.clone(),
             reload_every: a.reload_interval,
         },
-        _ => return Err("--kubernetes: function discovery from Kubernetes is not implemented yet; use --functions STACK.yaml".into()),
+        (None, true) => ebb_connectors::app::FunctionsFrom::Kubernetes {
+            namespace: a.source.namespace.clone(),
+            component: component.to_string(),
+        },
+        _ => {
+            return Err(
+                "say where functions come from: --functions STACK.yaml or --kubernetes".into(),
+            );
+        }
     };
     if a.retry_base_delay.is_zero() || a.retry_base_delay > a.retry_max_delay {
         return Err("--retry-base-delay must be above 0 and at most --retry-max-delay".into());
@@ -342,7 +353,7 @@ fn connector_common(a: &ConnectorArgs) -> Result<ebb_connectors::app::CommonOpti
 }
 
 async fn run_nats(args: NatsArgs) -> ExitCode {
-    let common = match connector_common(&args.common) {
+    let common = match connector_common(&args.common, "ebb-connector-nats") {
         Ok(c) => c,
         Err(e) => return config_error("connector nats", e),
     };

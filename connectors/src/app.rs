@@ -27,7 +27,13 @@ pub enum FunctionsFrom {
         path: PathBuf,
         reload_every: Duration,
     },
-    /// A catalog published by the caller (Kubernetes discovery, `ebb dev`).
+    /// Annotated Deployments and StatefulSets, watched (all namespaces when `None`).
+    Kubernetes {
+        namespace: Option<String>,
+        /// Reported as the source of Kubernetes Events, e.g. `ebb-connector-nats`.
+        component: String,
+    },
+    /// A catalog published by the caller (`ebb dev`).
     Catalog(watch::Receiver<Arc<Catalog>>),
 }
 
@@ -80,6 +86,36 @@ impl Parts {
                     crate::catalog::watch_stack(path, reload_every, stop_background.clone())
                         .await?;
                 background.push(task);
+                rx
+            }
+            FunctionsFrom::Kubernetes {
+                namespace,
+                component,
+            } => {
+                let client = ebb_kube::client()
+                    .await
+                    .map_err(|e| Error::Config(format!("--kubernetes: {e}")))?;
+                let recorder = ebb_kube::Recorder::new(client.clone(), component);
+                let (tx, mut rx) = watch::channel(Arc::new(Catalog::default()));
+                let mut first = rx.clone();
+                let stop = stop_background.clone();
+                background.push(tokio::spawn(async move {
+                    tokio::select! {
+                        r = ebb_kube::discover(client, namespace, tx, Some(recorder)) => {
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, "function discovery stopped");
+                            }
+                        }
+                        () = stop.cancelled() => {}
+                    }
+                }));
+                tracing::info!("waiting for the first list of functions from Kubernetes");
+                if ebb_kube::first_catalog(&mut first).await.is_none() {
+                    return Err(Error::Broker(
+                        "function discovery from Kubernetes ended before its first list".into(),
+                    ));
+                }
+                rx.mark_changed();
                 rx
             }
             FunctionsFrom::Catalog(rx) => rx,
