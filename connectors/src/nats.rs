@@ -226,6 +226,11 @@ impl DeadLetterSink for NatsDeadLetters {
     }
 }
 
+/// How long one pull request waits at the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long past its expiry a pull is waited for before it is taken as lost.
+const PULL_GRACE: Duration = Duration::from_millis(500);
+
 /// A JetStream message being delivered.
 struct JsDelivery {
     msg: jetstream::Message,
@@ -437,6 +442,19 @@ pub async fn run(
     ready.set(false);
     for r in running.values() {
         r.stop.cancel();
+    }
+    // Held events are given back (NAK) only once every pull loop has ended
+    // and dropped its pull subscription: a NAK that reached the server before
+    // that unsubscribe would be handed straight to this process's still-open
+    // pull request and then lost with it, so the event would come back only
+    // after the ack wait instead of at once.
+    for r in running.values_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a pull loop did not stop within 5s");
+        }
     }
     stopping.cancel();
     tracker.close();
@@ -672,9 +690,14 @@ async fn consume_js(
         let batch = consumer
             .batch()
             .max_messages(slots.len())
-            .expires(Duration::from_secs(2))
+            .expires(PULL_EXPIRES)
             .messages()
             .await;
+        // The server ends a pull at its expiry. A pull lost with the
+        // connection (server restart) never ends, and async-nats gives up on
+        // it only 5 s after the expiry: stop waiting a little after the
+        // expiry and pull again, so a reconnect does not stall delivery.
+        let give_up = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -691,8 +714,11 @@ async fn consume_js(
         error_delay = Duration::from_millis(100);
         loop {
             let next = tokio::select! {
-                m = batch.next() => m,
+                // A message already received is taken before giving up.
+                biased;
                 () = stop.cancelled() => break 'pull,
+                m = batch.next() => m,
+                () = tokio::time::sleep_until(give_up) => None,
             };
             let Some(m) = next else { break };
             let msg = match m {

@@ -25,6 +25,7 @@ pub mod kube_api;
 pub mod nats;
 pub mod ports;
 pub mod process;
+pub mod sink;
 
 use std::future::IntoFuture;
 use std::path::PathBuf;
