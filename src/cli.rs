@@ -204,7 +204,7 @@ enum ConnectorKind {
     Amqp(ConnectorArgs),
     /// Kafka (not implemented yet).
     Kafka(ConnectorArgs),
-    /// Cron schedules (not implemented yet).
+    /// Cron schedules.
     Cron(ConnectorArgs),
 }
 
@@ -262,6 +262,7 @@ impl Cli {
             Command::Worker(args) => run_worker(args).await,
             Command::Connector(kind) => match *kind {
                 ConnectorKind::Nats(args) => run_nats(*args).await,
+                ConnectorKind::Cron(args) => run_cron(args).await,
                 kind => not_implemented(match kind {
                     ConnectorKind::Nats(_) => "connector nats",
                     ConnectorKind::Amqp(_) => "connector amqp",
@@ -475,6 +476,24 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ebb publish: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cron(args: ConnectorArgs) -> ExitCode {
+    let common = match connector_common(&args, "ebb-connector-cron") {
+        Ok(c) => c,
+        Err(e) => return config_error("connector cron", e),
+    };
+    if args.source.kubernetes {
+        return not_implemented("connector cron --kubernetes (leader election)");
+    }
+    match ebb_connectors::app::run_cron(common, args.drain_timeout, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => config_error("connector cron", e),
+        Err(e) => {
+            eprintln!("ebb connector cron: {e}");
             ExitCode::FAILURE
         }
     }

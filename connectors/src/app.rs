@@ -61,6 +61,14 @@ pub struct Parts {
 impl Parts {
     /// Sets up catalog, metrics, engine and admin server.
     pub async fn start(opts: CommonOptions) -> Result<Parts, Error> {
+        Ok(Self::start_with(opts, |_| ()).await?.0)
+    }
+
+    /// As [`Parts::start`], registering the source's own metrics with `extra`.
+    pub async fn start_with<T>(
+        opts: CommonOptions,
+        extra: impl FnOnce(&mut Registry) -> T,
+    ) -> Result<(Parts, T), Error> {
         let signer = match &opts.signing_secret_file {
             Some(p) => {
                 let key = std::fs::read(p).map_err(|source| Error::Read {
@@ -122,6 +130,7 @@ impl Parts {
         };
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        let extra = extra(&mut registry);
         let registry = Arc::new(registry);
         let ready = Arc::new(Readiness::default());
         if let Some(addr) = opts.admin_addr {
@@ -139,14 +148,17 @@ impl Parts {
             metrics,
             CancellationToken::new(),
         )?);
-        Ok(Parts {
-            catalog,
-            engine,
-            ready,
-            registry,
-            stop_background,
-            background,
-        })
+        Ok((
+            Parts {
+                catalog,
+                engine,
+                ready,
+                registry,
+                stop_background,
+                background,
+            },
+            extra,
+        ))
     }
 
     /// Stops the admin server and the catalog source.
@@ -182,4 +194,26 @@ pub async fn run_nats(
     .await;
     parts.stop().await;
     r
+}
+
+/// Runs the cron connector process until `shutdown`: one instance from a
+/// stack file, or with Kubernetes discovery one of several replicas that
+/// elect a leader (see [`crate::cron`]).
+pub async fn run_cron(
+    common: CommonOptions,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let (parts, metrics) = Parts::start_with(common, crate::cron::CronMetrics::register).await?;
+    crate::cron::run_single(
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        metrics,
+        parts.ready.clone(),
+        drain_timeout,
+        shutdown,
+    )
+    .await;
+    parts.stop().await;
+    Ok(())
 }

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod app;
 pub mod catalog;
+pub mod cron;
 pub mod engine;
 pub mod event;
 pub mod limit;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod nats;
 pub mod retry;
 pub mod routing;
+pub mod schedule;
 
 /// Errors of the connectors.
 #[derive(Debug, thiserror::Error)]

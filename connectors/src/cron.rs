@@ -1,0 +1,841 @@
+//! The cron connector: invokes functions on their `schedule`.
+//!
+//! Each scheduled function has one task that sleeps until its next instant
+//! (no polling) and fires one delivery through the shared [`Engine`]:
+//! retries, dead letters and wake-ups from zero work as for broker events.
+//! The event's `ce-id` is `{namespace}/{function}@{scheduled instant}`, its
+//! `ce-time` the scheduled instant, so a repeat after a failover is
+//! recognisable.
+//!
+//! - `concurrency`: `forbid` skips a tick while the previous fire runs,
+//!   `allow` runs them side by side, `replace` cancels the running one.
+//! - A tick fires when it can fire within 1 s of its time, or within
+//!   `starting-deadline` when that is longer; after downtime only the latest
+//!   missed tick within the deadline fires, once; the others are counted as
+//!   missed, never fired in a burst.
+//! - The last fired tick of each function goes to a [`TickStore`] (the
+//!   leader's Lease in Kubernetes), so a new leader continues where the old
+//!   one stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use ebb_model::{Catalog, Concurrency, FunctionSpec};
+use http::HeaderMap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::event::Event;
+use crate::schedule::Schedule;
+
+/// A tick that cannot fire within this of its time is missed (unless the
+/// function's starting deadline is longer).
+pub const ON_TIME: Duration = Duration::from_secs(1);
+
+/// Wall-clock time as the scheduler sees it.
+///
+/// In production it is the system clock. Tests anchor it to tokio's clock, so
+/// that a paused runtime moves wall time too and an hour passes in
+/// microseconds.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    System,
+    Anchored { at: DateTime<Utc>, base: Instant },
+}
+
+impl Clock {
+    /// A clock reading `at` now and advancing with tokio's clock.
+    pub fn anchored(at: DateTime<Utc>) -> Self {
+        Clock::Anchored {
+            at,
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Clock::System => Utc::now(),
+            Clock::Anchored { at, base } => {
+                *at + chrono::Duration::from_std(base.elapsed()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Sleeps until `when` on this clock.
+    pub async fn sleep_until(&self, when: DateTime<Utc>) {
+        loop {
+            let now = self.now();
+            if now >= when {
+                return;
+            }
+            let d = (when - now).to_std().unwrap_or_default();
+            tokio::time::sleep(d).await;
+            if matches!(self, Clock::Anchored { .. }) {
+                return;
+            }
+            // The system clock may have stepped while sleeping: check again.
+        }
+    }
+}
+
+/// Where the last fired tick of each function is kept.
+pub trait TickStore: Send + Sync {
+    /// The last fired tick per function key, as recorded so far.
+    fn load(&self) -> BTreeMap<String, DateTime<Utc>>;
+    /// Records that `key` fired its tick at `at` (may be written later, batched).
+    fn record(&self, key: &str, at: DateTime<Utc>);
+}
+
+/// A store in memory: one process, nothing survives a restart.
+#[derive(Debug, Default)]
+pub struct MemoryTicks(Mutex<BTreeMap<String, DateTime<Utc>>>);
+
+impl TickStore for MemoryTicks {
+    fn load(&self) -> BTreeMap<String, DateTime<Utc>> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+    fn record(&self, key: &str, at: DateTime<Utc>) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key.to_string(), at);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabel {
+    function: String,
+}
+
+/// The cron connector's own metrics.
+#[derive(Clone)]
+pub struct CronMetrics {
+    fires: Family<FunctionLabel, Counter>,
+    missed: Family<FunctionLabel, Counter>,
+    skipped: Family<FunctionLabel, Counter>,
+    replaced: Family<FunctionLabel, Counter>,
+    /// Fire start − scheduled instant.
+    firing_error: Histogram,
+}
+
+impl CronMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            fires: Family::default(),
+            missed: Family::default(),
+            skipped: Family::default(),
+            replaced: Family::default(),
+            firing_error: Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
+        };
+        registry.register("ebb_cron_fires", "Ticks fired", m.fires.clone());
+        registry.register(
+            "ebb_cron_missed",
+            "Ticks that could not fire in time (downtime, failover) and were not fired late",
+            m.missed.clone(),
+        );
+        registry.register(
+            "ebb_cron_skipped",
+            "Ticks skipped because the previous fire still ran (concurrency: forbid)",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "ebb_cron_replaced",
+            "Running fires cancelled by the next tick (concurrency: replace)",
+            m.replaced.clone(),
+        );
+        registry.register(
+            "ebb_cron_firing_error_seconds",
+            "How late a fire started after its scheduled instant",
+            m.firing_error.clone(),
+        );
+        m
+    }
+}
+
+/// What to do with the ticks between the last one handled and now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchUp {
+    /// The one tick to fire now, if any.
+    pub fire: Option<DateTime<Utc>>,
+    /// Ticks counted as missed.
+    pub missed: usize,
+}
+
+/// Decides which of the ticks due since `last` (exclusive) up to `now`
+/// (inclusive) fires: only the latest, and only when it is no later than the
+/// allowance (`max(1 s, starting deadline)`); the others are missed.
+pub fn catch_up(
+    schedule: &Schedule,
+    last: DateTime<Utc>,
+    now: DateTime<Utc>,
+    starting_deadline: Duration,
+) -> CatchUp {
+    let due = schedule.fires_between(last, now, 10_000);
+    let Some(&latest) = due.last() else {
+        return CatchUp {
+            fire: None,
+            missed: 0,
+        };
+    };
+    let allowance = chrono::Duration::from_std(ON_TIME.max(starting_deadline)).unwrap_or_default();
+    if now - latest <= allowance {
+        CatchUp {
+            fire: Some(latest),
+            missed: due.len() - 1,
+        }
+    } else {
+        CatchUp {
+            fire: None,
+            missed: due.len(),
+        }
+    }
+}
+
+/// The delivery of a cron fire: nothing to ack; retries happen in-process.
+struct CronDelivery;
+
+impl Delivery for CronDelivery {
+    fn attempt(&self) -> u32 {
+        1
+    }
+    fn redelivers(&self) -> bool {
+        false
+    }
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+    async fn ack(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn in_progress(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn release(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn terminate(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Cron fires have no broker to dead-letter to: the event is logged in full.
+struct LogDeadLetters;
+
+impl DeadLetterSink for LogDeadLetters {
+    async fn publish(
+        &self,
+        destination: &str,
+        headers: HeaderMap,
+        _body: Bytes,
+    ) -> Result<(), Error> {
+        tracing::error!(%destination, ?headers, "cron fire given up; cron has no broker for dead letters");
+        Err(Error::DeadLetter(format!(
+            "the cron connector cannot publish to {destination}"
+        )))
+    }
+}
+
+/// The event of one fire.
+pub fn tick_event(spec: &FunctionSpec, at: DateTime<Utc>) -> Event {
+    let key = format!("{}/{}", spec.namespace, spec.name);
+    let when = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+    Event {
+        id: format!("{key}@{when}"),
+        source: format!("/ebb/cron/{key}"),
+        kind: "io.ebb.cron.tick".into(),
+        topic: format!("cron.{}.{}", spec.namespace, spec.name),
+        time: at,
+        headers: HeaderMap::new(),
+        body: spec.payload.clone().map(Bytes::from).unwrap_or_default(),
+        position: format!(
+            "schedule {} tick {when}",
+            spec.schedule.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+/// What a fire does: deliver the tick's event to the function. The engine in
+/// production; tests substitute a recorder to run schedules on a paused clock.
+pub trait Fire: Send + Sync + 'static {
+    fn fire(&self, target: Arc<Target>, event: Event) -> impl Future<Output = ()> + Send;
+}
+
+impl Fire for Engine {
+    async fn fire(&self, target: Arc<Target>, event: Event) {
+        self.deliver(&target, &event, CronDelivery, &LogDeadLetters)
+            .await;
+    }
+}
+
+/// Shared by every function task.
+struct Shared<F> {
+    firer: Arc<F>,
+    clock: Clock,
+    ticks: Arc<dyn TickStore>,
+    metrics: CronMetrics,
+    tracker: TaskTracker,
+}
+
+/// One function's schedule loop.
+async fn run_function<F: Fire>(
+    shared: Arc<Shared<F>>,
+    target: Arc<Target>,
+    schedule: Schedule,
+    mut last: Option<DateTime<Utc>>,
+    stop: CancellationToken,
+) {
+    let spec = target.spec.clone();
+    let label = FunctionLabel {
+        function: target.key.clone(),
+    };
+    let fires = shared.metrics.fires.get_or_create(&label).clone();
+    let missed = shared.metrics.missed.get_or_create(&label).clone();
+    let skipped = shared.metrics.skipped.get_or_create(&label).clone();
+    let replaced = shared.metrics.replaced.get_or_create(&label).clone();
+    let mut running: Vec<(CancellationToken, tokio::task::JoinHandle<()>)> = Vec::new();
+
+    loop {
+        let now = shared.clock.now();
+        // Ticks due since the last one handled: after a start, a failover or
+        // a slow wake-up.
+        let due = match last {
+            Some(l) => catch_up(&schedule, l, now, spec.starting_deadline),
+            None => CatchUp {
+                fire: None,
+                missed: 0,
+            },
+        };
+        if due.missed > 0 {
+            missed.inc_by(due.missed as u64);
+            tracing::warn!(function = %target.key, missed = due.missed, "ticks missed; not fired late");
+        }
+        let at = match due.fire {
+            Some(at) => at,
+            None => {
+                let from = last.map_or(now, |l| l.max(now));
+                let Some(next) = schedule.next_after(from) else {
+                    tracing::info!(function = %target.key, "schedule has no further ticks");
+                    stop.cancelled().await;
+                    break;
+                };
+                tokio::select! {
+                    () = shared.clock.sleep_until(next) => {}
+                    () = stop.cancelled() => break,
+                }
+                let late = shared.clock.now() - next;
+                let allowance = chrono::Duration::from_std(ON_TIME.max(spec.starting_deadline))
+                    .unwrap_or_default();
+                if late > allowance {
+                    // Woke too late (suspended, overloaded): count it, move on.
+                    missed.inc();
+                    tracing::warn!(function = %target.key, tick = %next, late = %late, "tick missed; not fired late");
+                    last = Some(next);
+                    continue;
+                }
+                next
+            }
+        };
+        last = Some(at);
+
+        running.retain(|(_, h)| !h.is_finished());
+        match spec.concurrency {
+            Concurrency::Forbid if !running.is_empty() => {
+                skipped.inc();
+                tracing::info!(function = %target.key, tick = %at, "previous fire still running; tick skipped (concurrency: forbid)");
+                shared.ticks.record(&target.key, at);
+                continue;
+            }
+            Concurrency::Replace if !running.is_empty() => {
+                for (cancel, _) in running.drain(..) {
+                    cancel.cancel();
+                    replaced.inc();
+                }
+                tracing::info!(function = %target.key, tick = %at, "cancelled the running fire (concurrency: replace)");
+            }
+            _ => {}
+        }
+        let error = (shared.clock.now() - at).to_std().unwrap_or_default();
+        shared.metrics.firing_error.observe(error.as_secs_f64());
+        fires.inc();
+        let event = tick_event(&spec, at);
+        let cancel = CancellationToken::new();
+        let task = {
+            let (shared, target, cancel) = (shared.clone(), target.clone(), cancel.clone());
+            shared.tracker.clone().spawn(async move {
+                tokio::select! {
+                    () = shared.firer.fire(target, event) => {}
+                    () = cancel.cancelled() => {}
+                }
+            })
+        };
+        running.push((cancel, task));
+        // Recorded once fired, so a new leader does not fire it again.
+        shared.ticks.record(&target.key, at);
+    }
+}
+
+struct RunningFunction {
+    spec: Arc<FunctionSpec>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Functions with a schedule, parsed; bad ones are logged and counted.
+fn scheduled(catalog: &Catalog, engine: &Engine) -> Vec<(Arc<FunctionSpec>, Schedule)> {
+    let mut out = Vec::new();
+    let mut bad = catalog.errors.len();
+    for f in &catalog.functions {
+        let Some(expr) = &f.spec.schedule else {
+            continue;
+        };
+        match Schedule::parse(expr, &f.spec.timezone) {
+            Ok(s) => out.push((f.spec.clone(), s)),
+            Err(e) => {
+                bad += 1;
+                tracing::error!(function = %f.key(), error = %e, "skipping function: bad schedule");
+            }
+        }
+    }
+    engine.metrics().config_errors.set(bad as i64);
+    engine.metrics().functions.set(out.len() as i64);
+    out
+}
+
+/// Runs the schedules of `catalog` until `stop`: starts, restarts and stops
+/// function tasks as the catalog changes. `ticks` supplies the last fired
+/// tick of each function (for catch-up) and records new ones.
+pub async fn run_schedules<F: Fire>(
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    firer: Arc<F>,
+    metrics: CronMetrics,
+    clock: Clock,
+    ticks: Arc<dyn TickStore>,
+    stop: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        firer,
+        clock,
+        ticks: ticks.clone(),
+        metrics,
+        tracker: TaskTracker::new(),
+    });
+    let mut running: HashMap<String, RunningFunction> = HashMap::new();
+    loop {
+        let snapshot = catalog.borrow_and_update().clone();
+        let wanted = scheduled(&snapshot, &engine);
+        let keys: HashMap<String, &(Arc<FunctionSpec>, Schedule)> = wanted
+            .iter()
+            .map(|w| (format!("{}/{}", w.0.namespace, w.0.name), w))
+            .collect();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(k, r)| keys.get(*k).is_none_or(|(s, _)| *s != r.spec))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(r) = running.remove(&k) {
+                r.stop.cancel();
+                let _ = r.task.await;
+                tracing::info!(function = %k, "schedule stopped");
+            }
+        }
+        let recorded = ticks.load();
+        for (key, (spec, schedule)) in &keys {
+            if running.contains_key(key) {
+                continue;
+            }
+            let target = match engine.target(spec.clone()) {
+                Ok(t) => t,
+                Err(e) => {
+                    engine.metrics().config_errors.inc();
+                    tracing::error!(function = %key, error = %e, "skipping function");
+                    continue;
+                }
+            };
+            let fn_stop = stop.child_token();
+            let last = recorded.get(key).copied();
+            tracing::info!(function = %key, schedule = %spec.schedule.as_deref().unwrap_or(""), timezone = %spec.timezone, last_fired = ?last, "scheduling");
+            let task = tokio::spawn(run_function(
+                shared.clone(),
+                target,
+                schedule.clone(),
+                last,
+                fn_stop.clone(),
+            ));
+            running.insert(
+                key.clone(),
+                RunningFunction {
+                    spec: spec.clone(),
+                    stop: fn_stop,
+                    task,
+                },
+            );
+        }
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { stop.cancelled().await; break; },
+            () = stop.cancelled() => break,
+        }
+    }
+    for (_, r) in running.drain() {
+        r.stop.cancel();
+        let _ = r.task.await;
+    }
+    // Fires already started finish (callers bound how long they wait).
+    shared.tracker.close();
+    shared.tracker.wait().await;
+}
+
+/// Runs the cron connector with one instance (stack file): schedules until
+/// `shutdown`, then lets running fires finish within `drain_timeout`.
+pub async fn run_single(
+    catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    metrics: CronMetrics,
+    ready: Arc<crate::admin::Readiness>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let stop = CancellationToken::new();
+    let ticks: Arc<dyn TickStore> = Arc::new(MemoryTicks::default());
+    let sched = tokio::spawn(run_schedules(
+        catalog,
+        engine.clone(),
+        engine.clone(),
+        metrics,
+        Clock::System,
+        ticks,
+        stop.clone(),
+    ));
+    ready.set(true);
+    shutdown.await;
+    ready.set(false);
+    stop.cancel();
+    engine.stopping().cancel();
+    if tokio::time::timeout(drain_timeout, sched).await.is_err() {
+        tracing::warn!("drain timeout passed with fires still running; they are cut off");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineConfig;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// Records fires; each "call" takes `hold` of tokio time.
+    struct Recorder {
+        clock: Clock,
+        hold: Duration,
+        fires: Mutex<Vec<(DateTime<Utc>, DateTime<Utc>)>>,
+        active: AtomicUsize,
+        max_active: AtomicUsize,
+        finished: AtomicUsize,
+    }
+
+    struct Active<'a>(&'a Recorder);
+    impl Drop for Active<'_> {
+        fn drop(&mut self) {
+            self.0.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Fire for Recorder {
+        async fn fire(&self, _target: Arc<Target>, event: Event) {
+            self.fires
+                .lock()
+                .unwrap()
+                .push((event.time, self.clock.now()));
+            let n = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_active.fetch_max(n, Ordering::SeqCst);
+            let _active = Active(self);
+            tokio::time::sleep(self.hold).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Run {
+        recorder: Arc<Recorder>,
+        metrics: CronMetrics,
+        key: String,
+    }
+
+    impl Run {
+        fn count(&self, f: &Family<FunctionLabel, Counter>) -> u64 {
+            f.get_or_create(&FunctionLabel {
+                function: self.key.clone(),
+            })
+            .get()
+        }
+    }
+
+    /// Runs `stack` for `secs` seconds of paused time from `start`.
+    async fn run(
+        stack: &str,
+        start: DateTime<Utc>,
+        hold: Duration,
+        ticks: Arc<dyn TickStore>,
+        secs: u64,
+    ) -> Run {
+        let clock = Clock::anchored(start);
+        let mut registry = Registry::default();
+        let engine = Arc::new(
+            Engine::new(
+                EngineConfig::default(),
+                None,
+                Metrics::register(&mut registry),
+                CancellationToken::new(),
+            )
+            .unwrap(),
+        );
+        let metrics = CronMetrics::register(&mut registry);
+        let recorder = Arc::new(Recorder {
+            clock,
+            hold,
+            fires: Mutex::default(),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+        });
+        let catalog = crate::catalog::stack_catalog(stack);
+        assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
+        let key = catalog.functions[0].key();
+        let (_tx, rx) = watch::channel(Arc::new(catalog));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_schedules(
+            rx,
+            engine,
+            recorder.clone(),
+            metrics.clone(),
+            clock,
+            ticks,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
+        Run {
+            recorder,
+            metrics,
+            key,
+        }
+    }
+
+    fn every_second(concurrency: &str) -> String {
+        format!(
+            "functions:\n  - name: tick\n    url: http://127.0.0.1:9\n    schedule: \"*/1 * * * * *\"\n    concurrency: {concurrency}\n"
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_on_time_every_second() {
+        let start = at("2026-11-25T10:00:00.500Z");
+        let r = run(
+            &every_second("allow"),
+            start,
+            Duration::from_millis(10),
+            Arc::new(MemoryTicks::default()),
+            10,
+        )
+        .await;
+        let fires = r.recorder.fires.lock().unwrap().clone();
+        assert_eq!(fires.len(), 10, "{fires:?}");
+        for (i, (scheduled, fired)) in fires.iter().enumerate() {
+            assert_eq!(
+                *scheduled,
+                at("2026-11-25T10:00:01Z") + chrono::Duration::seconds(i as i64)
+            );
+            let error = *fired - *scheduled;
+            assert!(
+                error >= chrono::Duration::zero() && error < chrono::Duration::milliseconds(5),
+                "{error}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forbid_skips_ticks_while_the_previous_fire_runs() {
+        let start = at("2026-11-25T10:00:00.500Z");
+        let r = run(
+            &every_second("forbid"),
+            start,
+            Duration::from_millis(2500),
+            Arc::new(MemoryTicks::default()),
+            10,
+        )
+        .await;
+        let fires = r.recorder.fires.lock().unwrap().clone();
+        // Fires at :01, :04, :07, :10; each runs 2.5 s and blocks two ticks.
+        let scheduled: Vec<_> = fires.iter().map(|f| f.0).collect();
+        assert_eq!(
+            scheduled,
+            vec![
+                at("2026-11-25T10:00:01Z"),
+                at("2026-11-25T10:00:04Z"),
+                at("2026-11-25T10:00:07Z"),
+                at("2026-11-25T10:00:10Z"),
+            ]
+        );
+        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 1);
+        assert_eq!(r.count(&r.metrics.skipped), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn allow_runs_fires_side_by_side() {
+        let start = at("2026-11-25T10:00:00.500Z");
+        let r = run(
+            &every_second("allow"),
+            start,
+            Duration::from_millis(2500),
+            Arc::new(MemoryTicks::default()),
+            10,
+        )
+        .await;
+        assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
+        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 3);
+        assert_eq!(r.count(&r.metrics.skipped), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replace_cancels_the_running_fire() {
+        let start = at("2026-11-25T10:00:00.500Z");
+        let r = run(
+            &every_second("replace"),
+            start,
+            Duration::from_millis(2500),
+            Arc::new(MemoryTicks::default()),
+            10,
+        )
+        .await;
+        assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
+        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 1);
+        // Every fire but the last was cancelled by the next tick.
+        assert_eq!(r.count(&r.metrics.replaced), 9);
+    }
+
+    fn every_minute(deadline: &str) -> String {
+        format!(
+            "functions:\n  - name: report\n    url: http://127.0.0.1:9\n    schedule: \"0 * * * * *\"\n    starting-deadline: {deadline}\n"
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_only_the_latest_tick_within_the_deadline_fires() {
+        // Last fired 10:00:00; down until 10:10:30.
+        let ticks = Arc::new(MemoryTicks::default());
+        ticks.record("default/report", at("2026-11-25T10:00:00Z"));
+        let start = at("2026-11-25T10:10:30Z");
+        let r = run(
+            &every_minute("5m"),
+            start,
+            Duration::from_millis(10),
+            ticks.clone(),
+            5,
+        )
+        .await;
+        let fires = r.recorder.fires.lock().unwrap().clone();
+        assert_eq!(fires.len(), 1, "{fires:?}");
+        assert_eq!(fires[0].0, at("2026-11-25T10:10:00Z"));
+        assert_eq!(r.count(&r.metrics.missed), 9, "10:01 … 10:09 missed");
+        assert_eq!(ticks.load()["default/report"], at("2026-11-25T10:10:00Z"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_missed_ticks_never_fire_late() {
+        let ticks = Arc::new(MemoryTicks::default());
+        ticks.record("default/report", at("2026-11-25T10:00:00Z"));
+        let start = at("2026-11-25T10:10:30Z");
+        let r = run(
+            &every_minute("0s"),
+            start,
+            Duration::from_millis(10),
+            ticks,
+            40,
+        )
+        .await;
+        let fires = r.recorder.fires.lock().unwrap().clone();
+        // Nothing from the outage; the next regular tick, 10:11, fires.
+        assert_eq!(
+            fires.iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![at("2026-11-25T10:11:00Z")]
+        );
+        assert_eq!(r.count(&r.metrics.missed), 10);
+    }
+
+    #[test]
+    fn catch_up_table() {
+        let s = Schedule::parse("0 * * * * *", "UTC").unwrap();
+        let t = |x: &str| at(x);
+        let rows = [
+            // last, now, deadline → fire, missed
+            ("2026-11-25T10:00:00Z", "2026-11-25T10:00:30Z", 0, None, 0),
+            (
+                "2026-11-25T10:00:00Z",
+                "2026-11-25T10:01:00.5Z",
+                0,
+                Some("2026-11-25T10:01:00Z"),
+                0,
+            ),
+            ("2026-11-25T10:00:00Z", "2026-11-25T10:01:02Z", 0, None, 1),
+            (
+                "2026-11-25T10:00:00Z",
+                "2026-11-25T10:01:02Z",
+                5,
+                Some("2026-11-25T10:01:00Z"),
+                0,
+            ),
+            (
+                "2026-11-25T10:00:00Z",
+                "2026-11-25T10:03:02Z",
+                5,
+                Some("2026-11-25T10:03:00Z"),
+                2,
+            ),
+            ("2026-11-25T10:00:00Z", "2026-11-25T10:03:59Z", 30, None, 3),
+        ];
+        for (last, now, deadline, fire, missed) in rows {
+            let got = catch_up(&s, t(last), t(now), Duration::from_secs(deadline));
+            assert_eq!(
+                got,
+                CatchUp {
+                    fire: fire.map(t),
+                    missed
+                },
+                "last {last} now {now} deadline {deadline}s"
+            );
+        }
+    }
+
+    #[test]
+    fn tick_event_identifies_the_tick() {
+        let c = crate::catalog::stack_catalog(
+            "functions:\n  - name: nightly\n    url: http://x:1\n    schedule: \"@daily\"\n    payload: '{\"run\":1}'\n",
+        );
+        let e = tick_event(&c.functions[0].spec, at("2026-11-25T00:00:00Z"));
+        assert_eq!(e.id, "default/nightly@2026-11-25T00:00:00.000Z");
+        assert_eq!(e.kind, "io.ebb.cron.tick");
+        assert_eq!(e.source, "/ebb/cron/default/nightly");
+        assert_eq!(e.time, at("2026-11-25T00:00:00Z"));
+        assert_eq!(&e.body[..], b"{\"run\":1}");
+    }
+}
