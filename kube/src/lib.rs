@@ -22,6 +22,7 @@
 
 mod discovery;
 mod error;
+pub mod lease;
 mod recorder;
 
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use discovery::{
     Discovery, INVALID_CONFIG_REASON, Workload, WorkloadKind, Workloads, discover, first_catalog,
 };
 pub use error::Error;
+pub use lease::{Elector, LeaderHandle, LeaderState, LeaseConfig};
 pub use recorder::{AGGREGATION_WINDOW, EventType, Recorder};
 
 /// The `kube` and `k8s-openapi` versions ebb is built with.
