@@ -196,6 +196,27 @@ struct NatsArgs {
     nats_tls_required: bool,
 }
 
+#[derive(Debug, Args)]
+struct CronArgs {
+    #[command(flatten)]
+    common: ConnectorArgs,
+    /// With --kubernetes: namespace of the Lease the replicas elect a leader with.
+    #[arg(long, env = "EBB_LEASE_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// With --kubernetes: name of that Lease.
+    #[arg(long, env = "EBB_LEASE_NAME", default_value = "ebb-connector-cron")]
+    lease_name: String,
+    /// How long followers wait for a silent leader before taking over.
+    #[arg(long, env = "EBB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// The leader steps down when it could not renew for this long.
+    #[arg(long, env = "EBB_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    /// How often the leader renews and followers check.
+    #[arg(long, env = "EBB_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+}
+
 #[derive(Debug, Subcommand)]
 enum ConnectorKind {
     /// NATS JetStream (or core NATS).
@@ -205,7 +226,7 @@ enum ConnectorKind {
     /// Kafka (not implemented yet).
     Kafka(ConnectorArgs),
     /// Cron schedules.
-    Cron(ConnectorArgs),
+    Cron(Box<CronArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -262,7 +283,7 @@ impl Cli {
             Command::Worker(args) => run_worker(args).await,
             Command::Connector(kind) => match *kind {
                 ConnectorKind::Nats(args) => run_nats(*args).await,
-                ConnectorKind::Cron(args) => run_cron(args).await,
+                ConnectorKind::Cron(args) => run_cron(*args).await,
                 kind => not_implemented(match kind {
                     ConnectorKind::Nats(_) => "connector nats",
                     ConnectorKind::Amqp(_) => "connector amqp",
@@ -481,15 +502,33 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
     }
 }
 
-async fn run_cron(args: ConnectorArgs) -> ExitCode {
-    let common = match connector_common(&args, "ebb-connector-cron") {
+async fn run_cron(args: CronArgs) -> ExitCode {
+    let common = match connector_common(&args.common, "ebb-connector-cron") {
         Ok(c) => c,
         Err(e) => return config_error("connector cron", e),
     };
-    if args.source.kubernetes {
-        return not_implemented("connector cron --kubernetes (leader election)");
+    let lease = args.common.source.kubernetes.then(|| {
+        let mut cfg = ebb_kube::LeaseConfig::new(
+            args.lease_namespace.clone(),
+            args.lease_name.clone(),
+            ebb_kube::LeaseConfig::default_identity(),
+        );
+        cfg.lease_duration = args.lease_duration;
+        cfg.renew_deadline = args.renew_deadline;
+        cfg.retry_period = args.retry_period;
+        cfg
+    });
+    if let Some(Err(e)) = lease.as_ref().map(|c| c.validate()) {
+        return config_error("connector cron", e);
     }
-    match ebb_connectors::app::run_cron(common, args.drain_timeout, ebb_runtime::shutdown_signal()).await {
+    match ebb_connectors::app::run_cron(
+        common,
+        lease,
+        args.common.drain_timeout,
+        ebb_runtime::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_config() => config_error("connector cron", e),
         Err(e) => {

@@ -201,19 +201,41 @@ pub async fn run_nats(
 /// elect a leader (see [`crate::cron`]).
 pub async fn run_cron(
     common: CommonOptions,
+    lease: Option<ebb_kube::LeaseConfig>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let (parts, metrics) = Parts::start_with(common, crate::cron::CronMetrics::register).await?;
-    crate::cron::run_single(
-        parts.catalog.clone(),
-        parts.engine.clone(),
-        metrics,
-        parts.ready.clone(),
-        drain_timeout,
-        shutdown,
-    )
-    .await;
+    match lease {
+        None => {
+            crate::cron::run_single(
+                parts.catalog.clone(),
+                parts.engine.clone(),
+                metrics,
+                parts.ready.clone(),
+                drain_timeout,
+                shutdown,
+            )
+            .await
+        }
+        Some(cfg) => {
+            let client = ebb_kube::client()
+                .await
+                .map_err(|e| Error::Config(format!("--kubernetes: {e}")))?;
+            let elector = ebb_kube::Elector::new(client, cfg)
+                .map_err(|e| Error::Config(format!("lease: {e}")))?;
+            crate::cron::run_elected(
+                parts.catalog.clone(),
+                parts.engine.clone(),
+                metrics,
+                parts.ready.clone(),
+                elector,
+                drain_timeout,
+                shutdown,
+            )
+            .await
+        }
+    }
     parts.stop().await;
     Ok(())
 }

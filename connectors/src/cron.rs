@@ -93,10 +93,34 @@ impl Clock {
 
 /// Where the last fired tick of each function is kept.
 pub trait TickStore: Send + Sync {
-    /// The last fired tick per function key, as recorded so far.
-    fn load(&self) -> BTreeMap<String, DateTime<Utc>>;
+    /// The last fired tick of the function `key` (`namespace/name`), if recorded.
+    fn last(&self, key: &str) -> Option<DateTime<Utc>>;
     /// Records that `key` fired its tick at `at` (may be written later, batched).
     fn record(&self, key: &str, at: DateTime<Utc>);
+}
+
+/// Ticks kept on the leader's Lease as annotations
+/// `ebb.io/last-fired.{namespace}.{name}`, written with its renewals (at most
+/// once a second), read by the next leader.
+pub struct LeaseTicks(pub ebb_kube::LeaderHandle);
+
+fn tick_annotation(key: &str) -> String {
+    ebb_kube::lease::annotation_key("ebb.io/last-fired", key)
+}
+
+impl TickStore for LeaseTicks {
+    fn last(&self, key: &str) -> Option<DateTime<Utc>> {
+        let raw = self.0.annotations().remove(&tick_annotation(key))?;
+        DateTime::parse_from_rfc3339(&raw)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+    fn record(&self, key: &str, at: DateTime<Utc>) {
+        let value = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        if let Err(e) = self.0.set_annotation(tick_annotation(key), value) {
+            tracing::debug!(function = %key, error = %e, "tick not recorded");
+        }
+    }
 }
 
 /// A store in memory: one process, nothing survives a restart.
@@ -104,8 +128,8 @@ pub trait TickStore: Send + Sync {
 pub struct MemoryTicks(Mutex<BTreeMap<String, DateTime<Utc>>>);
 
 impl TickStore for MemoryTicks {
-    fn load(&self) -> BTreeMap<String, DateTime<Utc>> {
-        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    fn last(&self, key: &str) -> Option<DateTime<Utc>> {
+        self.0.lock().ok()?.get(key).copied()
     }
     fn record(&self, key: &str, at: DateTime<Utc>) {
         if let Ok(mut m) = self.0.lock() {
@@ -455,7 +479,6 @@ pub async fn run_schedules<F: Fire>(
                 tracing::info!(function = %k, "schedule stopped");
             }
         }
-        let recorded = ticks.load();
         for (key, (spec, schedule)) in &keys {
             if running.contains_key(key) {
                 continue;
@@ -469,7 +492,7 @@ pub async fn run_schedules<F: Fire>(
                 }
             };
             let fn_stop = stop.child_token();
-            let last = recorded.get(key).copied();
+            let last = ticks.last(key);
             tracing::info!(function = %key, schedule = %spec.schedule.as_deref().unwrap_or(""), timezone = %spec.timezone, last_fired = ?last, "scheduling");
             let task = tokio::spawn(run_function(
                 shared.clone(),
@@ -757,7 +780,10 @@ mod tests {
         assert_eq!(fires.len(), 1, "{fires:?}");
         assert_eq!(fires[0].0, at("2026-11-25T10:10:00Z"));
         assert_eq!(r.count(&r.metrics.missed), 9, "10:01 … 10:09 missed");
-        assert_eq!(ticks.load()["default/report"], at("2026-11-25T10:10:00Z"));
+        assert_eq!(
+            ticks.last("default/report"),
+            Some(at("2026-11-25T10:10:00Z"))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -837,5 +863,81 @@ mod tests {
         assert_eq!(e.source, "/ebb/cron/default/nightly");
         assert_eq!(e.time, at("2026-11-25T00:00:00Z"));
         assert_eq!(&e.body[..], b"{\"run\":1}");
+    }
+}
+
+/// Runs the cron connector as one of several replicas: only the holder of
+/// the Lease fires; the last fired tick of each function rides on the Lease,
+/// so a new leader continues where the old one stopped (at-least-once: a
+/// tick whose record was lost in a crash fires again, with the same `ce-id`).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_elected(
+    catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    metrics: CronMetrics,
+    ready: Arc<crate::admin::Readiness>,
+    elector: ebb_kube::Elector,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handle = elector.handle();
+    let mut leader = handle.leader();
+    let elector_stop = CancellationToken::new();
+    let elector_task = tokio::spawn(elector.run(elector_stop.clone()));
+    ready.set(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // Follow until elected.
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                r = leader.changed() => if r.is_err() { break; },
+                () = &mut shutdown => {
+                    elector_stop.cancel();
+                    let _ = elector_task.await;
+                    return;
+                }
+            }
+        }
+        tracing::info!(identity = %handle.identity(), "elected: firing schedules");
+        let stop = CancellationToken::new();
+        let ticks: Arc<dyn TickStore> = Arc::new(LeaseTicks(handle.clone()));
+        let mut sched = tokio::spawn(run_schedules(
+            catalog.clone(),
+            engine.clone(),
+            engine.clone(),
+            metrics.clone(),
+            Clock::System,
+            ticks,
+            stop.clone(),
+        ));
+        let stopping = loop {
+            tokio::select! {
+                r = leader.changed() => {
+                    if r.is_err() || !*leader.borrow_and_update() { break false; }
+                }
+                () = &mut shutdown => break true,
+                _ = &mut sched => break false,
+            }
+        };
+        stop.cancel();
+        if stopping {
+            ready.set(false);
+            engine.stopping().cancel();
+            if tokio::time::timeout(drain_timeout, &mut sched)
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain timeout passed with fires still running; they are cut off");
+                sched.abort();
+            }
+            // Releasing after the last record lets the next leader take over
+            // at once, with every tick fired so far.
+            elector_stop.cancel();
+            let _ = elector_task.await;
+            return;
+        }
+        tracing::warn!("lost the lease: no longer firing");
+        // Fires already started may finish; new ones are the new leader's.
+        let _ = tokio::time::timeout(drain_timeout, &mut sched).await;
     }
 }

@@ -273,7 +273,9 @@ impl Cron {
                     if let Some(c) = self.next_wall(start - second)
                         && c <= wall_after
                     {
-                        best = preimages(zone, c).map(|(_, again)| again);
+                        best = preimages(zone, c)
+                            .map(|(_, again)| again)
+                            .filter(|&t| t > after);
                     }
                 }
             } else {
@@ -302,7 +304,7 @@ impl Cron {
                     // Skipped by a gap: real time never reads this wall time.
                     let end = first_instant_reaching(zone, c)?;
                     if self.elapsed {
-                        cursor = (end - second).with_timezone(&zone).naive_local();
+                        cursor = end.with_timezone(&zone).naive_local() - second;
                         continue;
                     }
                     end

@@ -104,9 +104,15 @@ pub struct Call {
     pub body: Bytes,
     /// When the request (with its whole body) arrived.
     pub at: Instant,
+    /// The same moment on the wall clock (to compare with `ce-time`).
+    pub wall: chrono::DateTime<chrono::Utc>,
 }
 
 impl Call {
+    pub fn at_wall(&self) -> chrono::DateTime<chrono::Utc> {
+        self.wall
+    }
+
     /// A header as text (`None` when absent or not visible ASCII).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -317,6 +323,7 @@ async fn answer(
             headers,
             body,
             at: Instant::now(),
+            wall: chrono::Utc::now(),
         });
         // Take the reply under the calls lock, so call n gets reply n.
         lock(&state.script)
