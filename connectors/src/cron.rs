@@ -555,6 +555,82 @@ pub async fn run_single(
     }
 }
 
+/// Runs the cron connector as one of several replicas: only the holder of
+/// the Lease fires; the last fired tick of each function rides on the Lease,
+/// so a new leader continues where the old one stopped (at-least-once: a
+/// tick whose record was lost in a crash fires again, with the same `ce-id`).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_elected(
+    catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    metrics: CronMetrics,
+    ready: Arc<crate::admin::Readiness>,
+    elector: ebb_kube::Elector,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handle = elector.handle();
+    let mut leader = handle.leader();
+    let elector_stop = CancellationToken::new();
+    let elector_task = tokio::spawn(elector.run(elector_stop.clone()));
+    ready.set(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // Follow until elected.
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                r = leader.changed() => if r.is_err() { break; },
+                () = &mut shutdown => {
+                    elector_stop.cancel();
+                    let _ = elector_task.await;
+                    return;
+                }
+            }
+        }
+        tracing::info!(identity = %handle.identity(), "elected: firing schedules");
+        let stop = CancellationToken::new();
+        let ticks: Arc<dyn TickStore> = Arc::new(LeaseTicks(handle.clone()));
+        let mut sched = tokio::spawn(run_schedules(
+            catalog.clone(),
+            engine.clone(),
+            engine.clone(),
+            metrics.clone(),
+            Clock::System,
+            ticks,
+            stop.clone(),
+        ));
+        let stopping = loop {
+            tokio::select! {
+                r = leader.changed() => {
+                    if r.is_err() || !*leader.borrow_and_update() { break false; }
+                }
+                () = &mut shutdown => break true,
+                _ = &mut sched => break false,
+            }
+        };
+        stop.cancel();
+        if stopping {
+            ready.set(false);
+            engine.stopping().cancel();
+            if tokio::time::timeout(drain_timeout, &mut sched)
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain timeout passed with fires still running; they are cut off");
+                sched.abort();
+            }
+            // Releasing after the last record lets the next leader take over
+            // at once, with every tick fired so far.
+            elector_stop.cancel();
+            let _ = elector_task.await;
+            return;
+        }
+        tracing::warn!("lost the lease: no longer firing");
+        // Fires already started may finish; new ones are the new leader's.
+        let _ = tokio::time::timeout(drain_timeout, &mut sched).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,81 +939,5 @@ mod tests {
         assert_eq!(e.source, "/ebb/cron/default/nightly");
         assert_eq!(e.time, at("2026-11-25T00:00:00Z"));
         assert_eq!(&e.body[..], b"{\"run\":1}");
-    }
-}
-
-/// Runs the cron connector as one of several replicas: only the holder of
-/// the Lease fires; the last fired tick of each function rides on the Lease,
-/// so a new leader continues where the old one stopped (at-least-once: a
-/// tick whose record was lost in a crash fires again, with the same `ce-id`).
-#[allow(clippy::too_many_arguments)]
-pub async fn run_elected(
-    catalog: watch::Receiver<Arc<Catalog>>,
-    engine: Arc<Engine>,
-    metrics: CronMetrics,
-    ready: Arc<crate::admin::Readiness>,
-    elector: ebb_kube::Elector,
-    drain_timeout: Duration,
-    shutdown: impl Future<Output = ()>,
-) {
-    let handle = elector.handle();
-    let mut leader = handle.leader();
-    let elector_stop = CancellationToken::new();
-    let elector_task = tokio::spawn(elector.run(elector_stop.clone()));
-    ready.set(true);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        // Follow until elected.
-        while !*leader.borrow_and_update() {
-            tokio::select! {
-                r = leader.changed() => if r.is_err() { break; },
-                () = &mut shutdown => {
-                    elector_stop.cancel();
-                    let _ = elector_task.await;
-                    return;
-                }
-            }
-        }
-        tracing::info!(identity = %handle.identity(), "elected: firing schedules");
-        let stop = CancellationToken::new();
-        let ticks: Arc<dyn TickStore> = Arc::new(LeaseTicks(handle.clone()));
-        let mut sched = tokio::spawn(run_schedules(
-            catalog.clone(),
-            engine.clone(),
-            engine.clone(),
-            metrics.clone(),
-            Clock::System,
-            ticks,
-            stop.clone(),
-        ));
-        let stopping = loop {
-            tokio::select! {
-                r = leader.changed() => {
-                    if r.is_err() || !*leader.borrow_and_update() { break false; }
-                }
-                () = &mut shutdown => break true,
-                _ = &mut sched => break false,
-            }
-        };
-        stop.cancel();
-        if stopping {
-            ready.set(false);
-            engine.stopping().cancel();
-            if tokio::time::timeout(drain_timeout, &mut sched)
-                .await
-                .is_err()
-            {
-                tracing::warn!("drain timeout passed with fires still running; they are cut off");
-                sched.abort();
-            }
-            // Releasing after the last record lets the next leader take over
-            // at once, with every tick fired so far.
-            elector_stop.cancel();
-            let _ = elector_task.await;
-            return;
-        }
-        tracing::warn!("lost the lease: no longer firing");
-        // Fires already started may finish; new ones are the new leader's.
-        let _ = tokio::time::timeout(drain_timeout, &mut sched).await;
     }
 }

@@ -1709,4 +1709,132 @@ mod tests {
         assert!(!sched("0 */2 * * *", "UTC").follows_elapsed_time());
         assert!(!sched("@daily", "UTC").follows_elapsed_time());
     }
+
+    /// Cross-check against brute force over every minute around the DST
+    /// transitions of 2026 in several zones: elapsed-time schedules fire at
+    /// each minute whose wall time matches; fixed-hour ones at each minute
+    /// where the wall clock first reaches matching times.
+    #[test]
+    fn dst_semantics_match_brute_force() {
+        struct Oracle {
+            minutes: BTreeSet<u32>,
+            hours: BTreeSet<u32>,
+            doms: BTreeSet<u32>,
+            months: BTreeSet<u32>,
+            dows: BTreeSet<u32>,
+            dom_any: bool,
+            dow_any: bool,
+        }
+        impl Oracle {
+            fn new(expr: &str) -> Oracle {
+                let f: Vec<&str> = expr.split_whitespace().collect();
+                let field = |spec, i: usize| parse_field(spec, f[i]).unwrap_or_else(|e| panic!("{e}"));
+                let (dom, dow) = (field(DAY_OF_MONTH, 2), field(DAY_OF_WEEK, 4));
+                Oracle {
+                    minutes: field(MINUTE, 0).values,
+                    hours: field(HOUR, 1).values,
+                    doms: dom.values,
+                    months: field(MONTH, 3).values,
+                    dows: dow.values.iter().map(|d| d % 7).collect(),
+                    dom_any: dom.any,
+                    dow_any: dow.any,
+                }
+            }
+            fn matches(&self, wall: NaiveDateTime) -> bool {
+                use chrono::Timelike;
+                let dom = self.doms.contains(&wall.day());
+                let dow = self.dows.contains(&wall.weekday().num_days_from_sunday());
+                let day = if self.dom_any || self.dow_any { dom && dow } else { dom || dow };
+                wall.second() == 0
+                    && self.minutes.contains(&wall.minute())
+                    && self.hours.contains(&wall.hour())
+                    && self.months.contains(&wall.month())
+                    && day
+            }
+            fn fires(&self, zone: Tz, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+                let elapsed = self.hours.len() == 24;
+                let wall = |t: DateTime<Utc>| t.with_timezone(&zone).naive_local();
+                let minute = TimeDelta::minutes(1);
+                let mut t = from - TimeDelta::hours(3);
+                let mut high = wall(t);
+                let mut out = Vec::new();
+                while t < to {
+                    t += minute;
+                    let now = wall(t);
+                    let fire = if elapsed {
+                        self.matches(now)
+                    } else {
+                        let mut c = high + minute;
+                        let mut any = false;
+                        while c <= now {
+                            any |= self.matches(c);
+                            c += minute;
+                        }
+                        any
+                    };
+                    high = high.max(now);
+                    if fire && t > from {
+                        out.push(t);
+                    }
+                }
+                out
+            }
+        }
+
+        let exprs = [
+            "*/15 * * * *",
+            "5 * * * *",
+            "*/7 * * * *",
+            "59 * * * *",
+            "0 0-23 * * *",
+            "30 2 * * *",
+            "*/15 2 * * *",
+            "0 2,3 * * *",
+            "* 2 * * *",
+            "* 1 * * *",
+            "0 */2 * * *",
+            "15,45 0-3 * * *",
+            "0 0 * * *",
+            "30 1 * * *",
+            "45 1 * * *",
+            "15 2 * * *",
+            "0,30 1-2 * * SUN",
+            "0 23 * * *",
+            "30 0 * * *",
+        ];
+        let transitions = [
+            ("Europe/Berlin", "2026-03-29T01:00:00Z"),
+            ("Europe/Berlin", "2026-10-25T01:00:00Z"),
+            ("America/New_York", "2026-03-08T07:00:00Z"),
+            ("America/New_York", "2026-11-01T06:00:00Z"),
+            ("Australia/Lord_Howe", "2026-04-04T15:00:00Z"),
+            ("Australia/Lord_Howe", "2026-10-03T15:30:00Z"),
+            ("America/Santiago", "2026-04-05T03:00:00Z"),
+            ("America/Santiago", "2026-09-06T04:00:00Z"),
+        ];
+        for (zone_name, at_transition) in transitions {
+            let zone: Tz = zone_name.parse().unwrap();
+            let center = at(at_transition);
+            let (from, to) = (center - TimeDelta::hours(4), center + TimeDelta::hours(4));
+            for expr in exprs {
+                let oracle = Oracle::new(expr);
+                let s = sched(expr, zone_name);
+                let want = oracle.fires(zone, from, to);
+                let got = s.fires_between(from, to, 1000);
+                assert_eq!(got, want, "{expr} in {zone_name} around {at_transition}");
+                // next_after from every minute, and half a minute past it.
+                let beyond = oracle.fires(zone, from, to + TimeDelta::days(2));
+                let mut a = from;
+                while a < to {
+                    for probe in [a, a + TimeDelta::seconds(30)] {
+                        let want = beyond.iter().find(|&&t| t > probe).copied();
+                        if want.is_some() {
+                            assert_eq!(s.next_after(probe), want, "{expr} in {zone_name} after {probe}");
+                        }
+                    }
+                    a += TimeDelta::minutes(1);
+                }
+            }
+        }
+    }
 }
