@@ -206,24 +206,36 @@ pub fn catch_up(
     now: DateTime<Utc>,
     starting_deadline: Duration,
 ) -> CatchUp {
-    let due = schedule.fires_between(last, now, 10_000);
-    let Some(&latest) = due.last() else {
-        return CatchUp {
-            fire: None,
-            missed: 0,
-        };
-    };
     let allowance = chrono::Duration::from_std(ON_TIME.max(starting_deadline)).unwrap_or_default();
-    if now - latest <= allowance {
-        CatchUp {
-            fire: Some(latest),
-            missed: due.len() - 1,
+    // Only a tick within the allowance may fire: look for the latest one
+    // there, in windows growing backwards from now so that a long deadline
+    // on a per-second schedule stays cheap.
+    let window_start = last.max(now - allowance);
+    let mut fire = None;
+    let mut width = chrono::Duration::seconds(2);
+    for _ in 0..64 {
+        let from = window_start.max(now - width);
+        let found = schedule.fires_between(from, now, 4096);
+        if found.len() < 4096 && !found.is_empty() {
+            fire = found.last().copied();
+            break;
         }
-    } else {
-        CatchUp {
-            fire: None,
-            missed: due.len(),
+        if found.len() >= 4096 {
+            // More than fit: narrow down from the end instead.
+            width = width / 2;
+            continue;
         }
+        if from == window_start {
+            break;
+        }
+        width = width * 4;
+    }
+    // Every other due tick is missed (counted up to a bound after very long
+    // outages).
+    let due = schedule.fires_between(last, now, 100_000).len();
+    CatchUp {
+        fire,
+        missed: due - usize::from(fire.is_some()).min(due),
     }
 }
 
@@ -926,6 +938,25 @@ mod tests {
                 "last {last} now {now} deadline {deadline}s"
             );
         }
+    }
+
+    #[test]
+    fn catch_up_after_a_long_outage_fires_the_latest_tick() {
+        // A per-second schedule down for a day: far more ticks than any
+        // single listing bound.
+        let s = Schedule::parse("*/1 * * * * *", "UTC").unwrap();
+        let got = catch_up(
+            &s,
+            at("2026-11-24T10:00:00Z"),
+            at("2026-11-25T10:00:00.5Z"),
+            Duration::from_secs(3600),
+        );
+        assert_eq!(got.fire, Some(at("2026-11-25T10:00:00Z")));
+        assert!(
+            got.missed >= 86_399 || got.missed == 99_999,
+            "{}",
+            got.missed
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod metrics;
 pub mod nats;
 pub mod retry;
 pub mod routing;
-pub mod schedule;
+pub use ebb_model::schedule;
 
 /// Errors of the connectors.
 #[derive(Debug, thiserror::Error)]

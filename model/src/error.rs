@@ -32,6 +32,19 @@ pub enum ConfigError {
         /// 1-based line in the stack file, when known.
         line: Option<usize>,
     },
+    /// A value that parses but is wrong for a reason only known at run time
+    /// of the parser (a cron expression, a time zone).
+    #[error("{}key {}: {reason}{}", Subject(.function), Quoted(.key), At(.line))]
+    BadValue {
+        /// The function, when the key belongs to one.
+        function: Option<String>,
+        /// The key as written.
+        key: String,
+        /// What is wrong and what would fix it, naming the value.
+        reason: String,
+        /// 1-based line in the stack file, when known.
+        line: Option<usize>,
+    },
     /// A key that ebb does not know (typo protection).
     #[error("{}unknown key {}{}{}", Subject(.function), Quoted(.key), Suggest(.suggestion), At(.line))]
     UnknownKey {
@@ -94,7 +107,7 @@ impl ConfigError {
     /// A bounded label for the `error` label of ebb's error counters.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Self::InvalidValue { .. } => "invalid_value",
+            Self::InvalidValue { .. } | Self::BadValue { .. } => "invalid_value",
             Self::UnknownKey { .. } => "unknown_key",
             Self::MissingKey { .. } => "missing_key",
             Self::Conflict { .. } => "conflict",
@@ -108,6 +121,7 @@ impl ConfigError {
     pub fn function(&self) -> Option<&str> {
         match self {
             Self::InvalidValue { function, .. }
+            | Self::BadValue { function, .. }
             | Self::UnknownKey { function, .. }
             | Self::MissingKey { function, .. }
             | Self::Conflict { function, .. } => function.as_deref(),
@@ -120,6 +134,7 @@ impl ConfigError {
     pub fn key(&self) -> Option<&str> {
         match self {
             Self::InvalidValue { key, .. }
+            | Self::BadValue { key, .. }
             | Self::UnknownKey { key, .. }
             | Self::MissingKey { key, .. }
             | Self::Conflict { key, .. } => Some(key),
@@ -131,6 +146,7 @@ impl ConfigError {
     pub fn line(&self) -> Option<usize> {
         match self {
             Self::InvalidValue { line, .. }
+            | Self::BadValue { line, .. }
             | Self::UnknownKey { line, .. }
             | Self::MissingKey { line, .. }
             | Self::Conflict { line, .. }
@@ -142,6 +158,7 @@ impl ConfigError {
     pub(crate) fn set_line(&mut self, at: Option<usize>) {
         match self {
             Self::InvalidValue { line, .. }
+            | Self::BadValue { line, .. }
             | Self::UnknownKey { line, .. }
             | Self::MissingKey { line, .. }
             | Self::Conflict { line, .. }

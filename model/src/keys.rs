@@ -356,6 +356,24 @@ impl Builder {
     pub(crate) fn finish(mut self, origin: Origin) -> Result<FunctionSpec, Vec<ConfigError>> {
         let ok = |b: &Self, keys: &[Key]| keys.iter().all(|k| !b.failed.contains(k));
 
+        // A schedule is checked with its zone: a cron connector would skip
+        // the function, so say so now, naming the key at fault.
+        if let Some(expr) = self.spec.schedule.clone()
+            && ok(&self, &[Key::Schedule, Key::Timezone])
+            && let Err(e) = crate::schedule::Schedule::parse(&expr, &self.spec.timezone)
+        {
+            let key = match e.key() {
+                "timezone" => Key::Timezone,
+                _ => Key::Schedule,
+            };
+            self.errors.push(ConfigError::BadValue {
+                function: Some(self.function.clone()),
+                key: self.shown(key),
+                reason: e.to_string(),
+                line: None,
+            });
+        }
+
         let (min, max) = (self.spec.min_replicas, self.spec.max_replicas);
         if ok(&self, &[Key::MinReplicas, Key::MaxReplicas]) && min > max {
             let reason = format!(
