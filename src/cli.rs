@@ -233,9 +233,35 @@ enum ConnectorKind {
 struct AutoscalerArgs {
     #[command(flatten)]
     source: FunctionsSource,
-    /// Address of /_/health, /_/ready, /metrics and /wake.
+    /// Address of /_/health, /_/ready, /metrics and POST /wake/{ns}/{fn}.
     #[arg(long, env = "EBB_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
     admin_addr: SocketAddr,
+    /// How often every function's inputs are read and its count decided.
+    #[arg(long, env = "EBB_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// NATS URL, to read JetStream backlogs.
+    #[arg(long, env = "EBB_NATS_URL")]
+    nats: Option<String>,
+    /// The JetStream stream the NATS connector uses.
+    #[arg(long, env = "EBB_STREAM", default_value = "EBB")]
+    stream: String,
+    /// Bound of one input read; past it the input is unknown (hold).
+    #[arg(long, env = "EBB_SCALER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    scaler_timeout: Duration,
+    /// Namespace of the Lease the replicas elect a leader with.
+    #[arg(long, env = "EBB_LEASE_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "EBB_LEASE_NAME", default_value = "ebb-autoscaler")]
+    lease_name: String,
+    #[arg(long, env = "EBB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    #[arg(long, env = "EBB_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    #[arg(long, env = "EBB_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+    /// Poll without electing a leader (one replica only).
+    #[arg(long, env = "EBB_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
 }
 
 #[derive(Debug, Args)]
@@ -291,7 +317,7 @@ impl Cli {
                     ConnectorKind::Cron(_) => "connector cron",
                 }),
             },
-            Command::Autoscaler(_) => not_implemented("autoscaler"),
+            Command::Autoscaler(args) => run_autoscaler(args).await,
             Command::Publish(args) => run_publish(args).await,
             Command::Dev(_) => not_implemented("dev"),
             Command::Deploy(_) => not_implemented("deploy"),
@@ -535,5 +561,37 @@ async fn run_cron(args: CronArgs) -> ExitCode {
             eprintln!("ebb connector cron: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
+    if !args.source.kubernetes {
+        return not_implemented("autoscaler --functions (local replicas; use --kubernetes)");
+    }
+    let lease = (!args.no_leader_election).then(|| {
+        let mut cfg = ebb_kube::LeaseConfig::new(
+            args.lease_namespace.clone(),
+            args.lease_name.clone(),
+            ebb_kube::LeaseConfig::default_identity(),
+        );
+        cfg.lease_duration = args.lease_duration;
+        cfg.renew_deadline = args.renew_deadline;
+        cfg.retry_period = args.retry_period;
+        cfg
+    });
+    if let Some(Err(e)) = lease.as_ref().map(|c| c.validate()) {
+        return config_error("autoscaler", e);
+    }
+    let cfg = ebb_autoscaler::app::AutoscalerConfig {
+        admin_addr: args.admin_addr,
+        namespace: args.source.namespace.clone(),
+        interval: args.interval,
+        nats: args.nats.clone().map(|u| (u, args.stream.clone())),
+        scaler_timeout: args.scaler_timeout,
+        lease,
+    };
+    match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => config_error("autoscaler", e),
     }
 }

@@ -3,7 +3,11 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
+pub mod app;
 pub mod policy;
+pub mod scalers;
+pub mod simulate;
+pub mod target;
 
 /// Errors of the autoscaler.
 #[derive(Debug, thiserror::Error)]

@@ -71,6 +71,9 @@ pub struct Observed {
     pub current: u32,
     /// Upper bound from the source (Kafka: partitions of the topics).
     pub cap: Option<u32>,
+    /// Work was done since the last poll (events delivered), even if nothing
+    /// is pending now: a steady trickle served between polls is not idle.
+    pub activity: bool,
 }
 
 /// What the policy remembers of a function between polls.
@@ -243,7 +246,7 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
         }
     }
     let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
-    let idle = obs.inputs.iter().all(|i| i.value == Some(0.0));
+    let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
     if idle {
         st.idle_since.get_or_insert(now);
     } else {
@@ -382,6 +385,7 @@ mod tests {
             ],
             current,
             cap: None,
+            activity: false,
         }
     }
 
@@ -584,6 +588,28 @@ mod tests {
             );
             assert_eq!(d.replicas, None, "{}", d.reason);
         }
+    }
+
+    #[test]
+    fn a_trickle_served_between_polls_keeps_a_replica() {
+        let base = Instant::now();
+        let s = spec();
+        let mut st = PolicyState::default();
+        // Nothing pending at any poll, but a message was served every 15 s.
+        for t in 0..300u64 {
+            let mut o = obs(Some(0.0), Some(0.0), 1);
+            o.activity = t % 15 == 0;
+            let d = decide(&o, &s, &mut st, base + Duration::from_secs(t));
+            assert_eq!(d.replicas, None, "t={t}: {}", d.reason);
+        }
+        // Once the trickle stops, the idle timer runs out.
+        let d = decide(
+            &obs(Some(0.0), Some(0.0), 1),
+            &s,
+            &mut st,
+            base + Duration::from_secs(400),
+        );
+        assert_eq!(d.replicas, Some(0), "{}", d.reason);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! | their `scale` and `status` | `…/NAME/scale`, `…/NAME/status` | get, replace, merge patch |
 //! | Leases | `/apis/coordination.k8s.io/v1[/namespaces/NS]/leases[/NAME]` | as above |
 //! | Events | `/api/v1[/namespaces/NS]/events`, `/apis/events.k8s.io/v1[/namespaces/NS]/events` | as above |
+//! | HorizontalPodAutoscalers | `/apis/autoscaling/v2[/namespaces/NS]/horizontalpodautoscalers[/NAME]` | as above (no controller: stored only; create one with [`KubeApi::put_object`]) |
 //! | version | `/version` | get |
 //!
 //! Semantics it keeps: one global, monotonically increasing
@@ -620,15 +621,17 @@ enum Res {
     Lease,
     CoreEvent,
     Event,
+    Hpa,
 }
 
 impl Res {
-    const ALL: [Res; 5] = [
+    const ALL: [Res; 6] = [
         Res::Deployment,
         Res::StatefulSet,
         Res::Lease,
         Res::CoreEvent,
         Res::Event,
+        Res::Hpa,
     ];
 
     fn api_version(self) -> &'static str {
@@ -637,6 +640,7 @@ impl Res {
             Res::Lease => "coordination.k8s.io/v1",
             Res::CoreEvent => "v1",
             Res::Event => "events.k8s.io/v1",
+            Res::Hpa => "autoscaling/v2",
         }
     }
 
@@ -653,6 +657,7 @@ impl Res {
             Res::StatefulSet => "statefulsets",
             Res::Lease => "leases",
             Res::CoreEvent | Res::Event => "events",
+            Res::Hpa => "horizontalpodautoscalers",
         }
     }
 
@@ -662,6 +667,7 @@ impl Res {
             Res::StatefulSet => "StatefulSet",
             Res::Lease => "Lease",
             Res::CoreEvent | Res::Event => "Event",
+            Res::Hpa => "HorizontalPodAutoscaler",
         }
     }
 

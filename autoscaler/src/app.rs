@@ -1,0 +1,514 @@
+//! The autoscaler process: discovery, the poll loop (leader only), the
+//! wake-up endpoint (every replica) and the admin server.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use ebb_kube::{Discovery, Workloads};
+use ebb_model::{Catalog, Function};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec};
+use crate::scalers::nats::NatsScaler;
+use crate::target::{KubeTarget, WorkloadKind, WorkloadRef};
+
+/// Settings of `ebb autoscaler`.
+#[derive(Debug, Clone)]
+pub struct AutoscalerConfig {
+    pub admin_addr: SocketAddr,
+    pub namespace: Option<String>,
+    pub interval: Duration,
+    /// NATS URL and stream for JetStream backlogs.
+    pub nats: Option<(String, String)>,
+    /// Timeout of one scaler read.
+    pub scaler_timeout: Duration,
+    /// Leader election; `None` runs the poll loop unconditionally.
+    pub lease: Option<ebb_kube::LeaseConfig>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FnLabel {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    function: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScalerLabel {
+    function: String,
+    scaler: &'static str,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InputLabel {
+    function: String,
+    input: &'static str,
+}
+
+#[derive(Clone)]
+struct Metrics {
+    desired: Family<FnLabel, Gauge>,
+    current: Family<FnLabel, Gauge>,
+    value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    decisions: Family<ReasonLabel, Counter>,
+    scaler_errors: Family<ScalerLabel, Counter>,
+    patches: Family<FnLabel, Counter>,
+    patch_errors: Family<FnLabel, Counter>,
+    wakeups: Family<FnLabel, Counter>,
+    /// Wake-up received → scale patched.
+    wake_to_patch: Histogram,
+}
+
+impl Metrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            desired: Family::default(),
+            current: Family::default(),
+            value: Family::default(),
+            decisions: Family::default(),
+            scaler_errors: Family::default(),
+            patches: Family::default(),
+            patch_errors: Family::default(),
+            wakeups: Family::default(),
+            wake_to_patch: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+        };
+        r.register(
+            "ebb_autoscaler_desired_replicas",
+            "Replicas the policy asks for",
+            m.desired.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_current_replicas",
+            "Replicas the workload has",
+            m.current.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_metric_value",
+            "Last value read per input",
+            m.value.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_decisions",
+            "Policy decisions by reason",
+            m.decisions.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scaler_errors",
+            "Inputs that could not be read",
+            m.scaler_errors.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scale_patches",
+            "Scale subresource patches",
+            m.patches.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scale_patch_errors",
+            "Scale patches that failed",
+            m.patch_errors.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_wakeups",
+            "Wake-ups received",
+            m.wakeups.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_wake_to_patch_seconds",
+            "From a wake-up received to the scale patched",
+            m.wake_to_patch.clone(),
+        );
+        m
+    }
+}
+
+struct Shared {
+    catalog: watch::Receiver<Arc<Catalog>>,
+    workloads: watch::Receiver<Arc<Workloads>>,
+    target: KubeTarget,
+    metrics: Metrics,
+    registry: Registry,
+    ready: std::sync::atomic::AtomicBool,
+    /// Last delivered stream sequence per function.
+    delivered: Mutex<HashMap<String, u64>>,
+}
+
+fn workload_ref(w: &ebb_kube::Workload) -> WorkloadRef {
+    WorkloadRef::new(w.kind, w.namespace.clone(), w.name.clone())
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/_/health", get(|| async { "ok\n" }))
+        .route(
+            "/_/ready",
+            get(|State(s): State<Arc<Shared>>| async move {
+                if s.ready.load(std::sync::atomic::Ordering::SeqCst) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Shared>>| async move {
+                (
+                    [(header::CONTENT_TYPE, ebb_runtime::METRICS_CONTENT_TYPE)],
+                    ebb_runtime::encode_metrics(&s.registry),
+                )
+                    .into_response()
+            }),
+        )
+        .route("/wake/{namespace}/{function}", post(wake))
+        .with_state(shared)
+}
+
+/// `POST /wake/{namespace}/{function}`: 0 → max(1, min) at once, idempotent,
+/// on any replica (the patch is guarded by resourceVersion).
+async fn wake(
+    State(s): State<Arc<Shared>>,
+    Path((namespace, function)): Path<(String, String)>,
+) -> impl IntoResponse {
+    let started = Instant::now();
+    let key = format!("{namespace}/{function}");
+    s.metrics
+        .wakeups
+        .get_or_create(&FnLabel {
+            function: key.clone(),
+        })
+        .inc();
+    let spec = s
+        .catalog
+        .borrow()
+        .get(&namespace, &function)
+        .map(|f| f.spec.clone());
+    let Some(spec) = spec else {
+        return (StatusCode::NOT_FOUND, format!("no function {key}\n"));
+    };
+    let Some(w) = s.workloads.borrow().get(&key).map(workload_ref) else {
+        return (StatusCode::NOT_FOUND, format!("no workload for {key}\n"));
+    };
+    if spec.paused {
+        return (StatusCode::ACCEPTED, "paused\n".to_string());
+    }
+    let to = spec.min_replicas.max(1).min(spec.max_replicas.max(1));
+    match s.target.wake(&w, to).await {
+        Ok(outcome) => {
+            s.metrics
+                .wake_to_patch
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(function = %key, ?outcome, "wake-up");
+            (StatusCode::ACCEPTED, format!("{outcome:?}\n"))
+        }
+        Err(e) => {
+            tracing::warn!(function = %key, error = %e, "wake-up failed");
+            (StatusCode::BAD_GATEWAY, format!("{e}\n"))
+        }
+    }
+}
+
+/// Reads every input of one function.
+/// Also returns the consumer's delivered position, whose movement between
+/// polls means work was done even when nothing is pending now.
+async fn observe(
+    f: &Function,
+    nats: Option<&NatsScaler>,
+    http: &reqwest::Client,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> (Vec<Input>, Option<u64>) {
+    let key = f.key();
+    let mut inputs = Vec::new();
+    let mut delivered = None;
+    if let Some(n) = nats
+        && !f.spec.topics.is_empty()
+    {
+        let value = match n.read(&f.spec).await {
+            Ok(r) => {
+                delivered = Some(r.delivered);
+                Some(r.backlog)
+            }
+            Err(e) => {
+                metrics
+                    .scaler_errors
+                    .get_or_create(&ScalerLabel {
+                        function: key.clone(),
+                        scaler: "nats",
+                        error: e.metric_label(),
+                    })
+                    .inc();
+                tracing::debug!(function = %key, error = %e, "backlog unknown");
+                None
+            }
+        };
+        inputs.push(Input {
+            name: "nats",
+            value,
+        });
+    }
+    if let Some(p) = &f.spec.prometheus {
+        let r = match p {
+            ebb_model::Prometheus::Scrape { url, metric } => {
+                crate::scalers::prometheus::scrape(http, &Default::default(), url, metric, timeout)
+                    .await
+            }
+            ebb_model::Prometheus::Query { server, query } => {
+                crate::scalers::prometheus::query(http, &Default::default(), server, query, timeout)
+                    .await
+            }
+        };
+        let value = match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                metrics
+                    .scaler_errors
+                    .get_or_create(&ScalerLabel {
+                        function: key.clone(),
+                        scaler: "prometheus",
+                        error: e.metric_label(),
+                    })
+                    .inc();
+                tracing::debug!(function = %key, error = %e, "prometheus value unknown");
+                None
+            }
+        };
+        inputs.push(Input {
+            name: "prometheus",
+            value,
+        });
+    }
+    for i in &inputs {
+        if let Some(v) = i.value {
+            metrics
+                .value
+                .get_or_create(&InputLabel {
+                    function: key.clone(),
+                    input: i.name,
+                })
+                .set(v);
+        }
+    }
+    (inputs, delivered)
+}
+
+/// One poll over every function (leader only).
+async fn poll(
+    s: &Shared,
+    nats: Option<&NatsScaler>,
+    http: &reqwest::Client,
+    timeout: Duration,
+    states: &Mutex<HashMap<String, PolicyState>>,
+) {
+    let catalog = s.catalog.borrow().clone();
+    let workloads = s.workloads.borrow().clone();
+    let mut hpa_cache: HashMap<String, std::collections::HashSet<(WorkloadKind, String)>> =
+        HashMap::new();
+    for f in &catalog.functions {
+        let key = f.key();
+        let Some(w) = workloads.get(&key) else {
+            continue;
+        };
+        let (inputs, delivered) = observe(f, nats, http, timeout, &s.metrics).await;
+        let activity = {
+            let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
+            match delivered {
+                Some(d) => last.insert(key.clone(), d).is_some_and(|prev| prev != d),
+                None => false,
+            }
+        };
+        if inputs.is_empty() {
+            continue; // nothing to scale by (e.g. a cron-only function)
+        }
+        let current = w.replicas.unwrap_or(1);
+        let spec = ScaleSpec::from_function(&f.spec);
+        let now = Instant::now();
+        let decision = {
+            let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
+            let st = states.entry(key.clone()).or_default();
+            policy::decide(
+                &Observed {
+                    inputs,
+                    current,
+                    cap: None,
+                    activity,
+                },
+                &spec,
+                st,
+                now,
+            )
+        };
+        let label = FnLabel {
+            function: key.clone(),
+        };
+        s.metrics.current.get_or_create(&label).set(current as i64);
+        s.metrics
+            .desired
+            .get_or_create(&label)
+            .set(decision.replicas.unwrap_or(current) as i64);
+        s.metrics
+            .decisions
+            .get_or_create(&ReasonLabel {
+                function: key.clone(),
+                reason: decision.reason.label(),
+            })
+            .inc();
+        let Some(to) = decision.replicas else {
+            continue;
+        };
+        // Two controllers must never fight over one workload.
+        let hpas = match hpa_cache.get(&w.namespace) {
+            Some(h) => h.clone(),
+            None => {
+                let h = s.target.hpa_targets(&w.namespace).await.unwrap_or_default();
+                hpa_cache.insert(w.namespace.clone(), h.clone());
+                h
+            }
+        };
+        let wr = workload_ref(w);
+        if hpas.contains(&(wr.kind, wr.name.clone())) {
+            s.target.warn_hpa(&wr).await;
+            continue;
+        }
+        let reason = decision.reason.to_string();
+        tracing::info!(function = %key, from = current, to, %reason, "scaling");
+        match s.target.set(&wr, current, to, &reason).await {
+            Ok(_) => {
+                s.metrics.patches.get_or_create(&label).inc();
+            }
+            Err(e) => {
+                s.metrics.patch_errors.get_or_create(&label).inc();
+                tracing::warn!(function = %key, error = %e, "cannot scale");
+            }
+        }
+    }
+}
+
+/// Runs the autoscaler until `shutdown`.
+pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let client = ebb_kube::client()
+        .await
+        .map_err(|e| Error::Config(format!("--kubernetes: {e}")))?;
+    let recorder = ebb_kube::Recorder::new(client.clone(), "ebb-autoscaler");
+    let (ctx, crx) = watch::channel(Arc::new(Catalog::default()));
+    let (wtx, wrx) = watch::channel(Arc::new(Workloads::default()));
+    let mut first = crx.clone();
+    let stop = CancellationToken::new();
+    let discovery = Discovery::new(client.clone())
+        .namespace(cfg.namespace.clone())
+        .recorder(recorder.clone())
+        .workloads(wtx);
+    let disc_stop = stop.clone();
+    let disc = tokio::spawn(async move {
+        tokio::select! {
+            r = discovery.run(ctx) => if let Err(e) = r { tracing::error!(error = %e, "discovery stopped"); },
+            () = disc_stop.cancelled() => {}
+        }
+    });
+    let nats = match &cfg.nats {
+        Some((url, stream)) => Some(
+            NatsScaler::connect(url, stream, cfg.scaler_timeout)
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let http = reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::Config(format!("http client: {e}")))?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let shared = Arc::new(Shared {
+        catalog: crx,
+        workloads: wrx,
+        target: KubeTarget::new(client.clone(), Some(recorder)),
+        metrics,
+        registry,
+        ready: std::sync::atomic::AtomicBool::new(false),
+        delivered: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
+        .await
+        .map_err(|e| Error::Config(format!("--admin-addr {}: {e}", cfg.admin_addr)))?;
+    tracing::info!(addr = %cfg.admin_addr, "admin server listening");
+    let admin_stop = stop.clone();
+    let app = router(shared.clone());
+    let admin = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+    });
+    if ebb_kube::first_catalog(&mut first).await.is_none() {
+        return Err(Error::Config(
+            "function discovery ended before its first list".into(),
+        ));
+    }
+    shared
+        .ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // Leadership: only the leader polls; wake-ups are served by everyone.
+    let (leader, elector_task, elector_stop) = match cfg.lease.clone() {
+        Some(lc) => {
+            let elector = ebb_kube::Elector::new(client.clone(), lc)
+                .map_err(|e| Error::Config(format!("lease: {e}")))?;
+            let leader = elector.handle().leader();
+            let es = CancellationToken::new();
+            (
+                Some(leader),
+                Some(tokio::spawn(elector.run(es.clone()))),
+                Some(es),
+            )
+        }
+        None => (None, None, None),
+    };
+    let states = Mutex::new(HashMap::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut shutdown => break,
+        }
+        if leader.as_ref().is_some_and(|l| !*l.borrow()) {
+            continue;
+        }
+        poll(&shared, nats.as_ref(), &http, cfg.scaler_timeout, &states).await;
+    }
+    shared
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    stop.cancel();
+    if let Some(es) = elector_stop {
+        es.cancel();
+    }
+    if let Some(t) = elector_task {
+        let _ = t.await;
+    }
+    let _ = disc.await;
+    let _ = admin.await;
+    Ok(())
+}

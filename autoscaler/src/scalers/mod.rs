@@ -1,0 +1,2 @@
+pub mod nats;
+pub mod prometheus;
