@@ -196,16 +196,15 @@ struct NatsArgs {
     nats_tls_required: bool,
 }
 
+/// Leader election among replicas (with --kubernetes).
 #[derive(Debug, Args)]
-struct CronArgs {
-    #[command(flatten)]
-    common: ConnectorArgs,
-    /// With --kubernetes: namespace of the Lease the replicas elect a leader with.
+struct LeaseArgs {
+    /// Namespace of the Lease the replicas elect a leader with.
     #[arg(long, env = "EBB_LEASE_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    /// With --kubernetes: name of that Lease.
-    #[arg(long, env = "EBB_LEASE_NAME", default_value = "ebb-connector-cron")]
-    lease_name: String,
+    /// Name of that Lease (default: the component's name).
+    #[arg(long, env = "EBB_LEASE_NAME")]
+    lease_name: Option<String>,
     /// How long followers wait for a silent leader before taking over.
     #[arg(long, env = "EBB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -215,6 +214,32 @@ struct CronArgs {
     /// How often the leader renews and followers check.
     #[arg(long, env = "EBB_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     retry_period: Duration,
+}
+
+impl LeaseArgs {
+    /// The Lease settings, named `default_name` unless --lease-name says otherwise.
+    fn config(&self, default_name: &str) -> Result<ebb_kube::LeaseConfig, String> {
+        let mut cfg = ebb_kube::LeaseConfig::new(
+            self.lease_namespace.clone(),
+            self.lease_name
+                .clone()
+                .unwrap_or_else(|| default_name.to_string()),
+            ebb_kube::LeaseConfig::default_identity(),
+        );
+        cfg.lease_duration = self.lease_duration;
+        cfg.renew_deadline = self.renew_deadline;
+        cfg.retry_period = self.retry_period;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+struct CronArgs {
+    #[command(flatten)]
+    common: ConnectorArgs,
+    #[command(flatten)]
+    lease: LeaseArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,17 +273,8 @@ struct AutoscalerArgs {
     /// Bound of one input read; past it the input is unknown (hold).
     #[arg(long, env = "EBB_SCALER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     scaler_timeout: Duration,
-    /// Namespace of the Lease the replicas elect a leader with.
-    #[arg(long, env = "EBB_LEASE_NAMESPACE", default_value = "default")]
-    lease_namespace: String,
-    #[arg(long, env = "EBB_LEASE_NAME", default_value = "ebb-autoscaler")]
-    lease_name: String,
-    #[arg(long, env = "EBB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
-    lease_duration: Duration,
-    #[arg(long, env = "EBB_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
-    renew_deadline: Duration,
-    #[arg(long, env = "EBB_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
-    retry_period: Duration,
+    #[command(flatten)]
+    lease: LeaseArgs,
     /// Poll without electing a leader (one replica only).
     #[arg(long, env = "EBB_NO_LEADER_ELECTION")]
     no_leader_election: bool,
@@ -533,20 +549,13 @@ async fn run_cron(args: CronArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error("connector cron", e),
     };
-    let lease = args.common.source.kubernetes.then(|| {
-        let mut cfg = ebb_kube::LeaseConfig::new(
-            args.lease_namespace.clone(),
-            args.lease_name.clone(),
-            ebb_kube::LeaseConfig::default_identity(),
-        );
-        cfg.lease_duration = args.lease_duration;
-        cfg.renew_deadline = args.renew_deadline;
-        cfg.retry_period = args.retry_period;
-        cfg
-    });
-    if let Some(Err(e)) = lease.as_ref().map(|c| c.validate()) {
-        return config_error("connector cron", e);
-    }
+    let lease = match args.common.source.kubernetes {
+        true => match args.lease.config("ebb-connector-cron") {
+            Ok(c) => Some(c),
+            Err(e) => return config_error("connector cron", e),
+        },
+        false => None,
+    };
     match ebb_connectors::app::run_cron(
         common,
         lease,
@@ -568,20 +577,13 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
     if !args.source.kubernetes {
         return not_implemented("autoscaler --functions (local replicas; use --kubernetes)");
     }
-    let lease = (!args.no_leader_election).then(|| {
-        let mut cfg = ebb_kube::LeaseConfig::new(
-            args.lease_namespace.clone(),
-            args.lease_name.clone(),
-            ebb_kube::LeaseConfig::default_identity(),
-        );
-        cfg.lease_duration = args.lease_duration;
-        cfg.renew_deadline = args.renew_deadline;
-        cfg.retry_period = args.retry_period;
-        cfg
-    });
-    if let Some(Err(e)) = lease.as_ref().map(|c| c.validate()) {
-        return config_error("autoscaler", e);
-    }
+    let lease = match args.no_leader_election {
+        false => match args.lease.config("ebb-autoscaler") {
+            Ok(c) => Some(c),
+            Err(e) => return config_error("autoscaler", e),
+        },
+        true => None,
+    };
     let cfg = ebb_autoscaler::app::AutoscalerConfig {
         admin_addr: args.admin_addr,
         namespace: args.source.namespace.clone(),
