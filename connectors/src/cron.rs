@@ -611,22 +611,24 @@ pub async fn run_elected(
             ticks,
             stop.clone(),
         ));
+        let mut finished = false;
         let stopping = loop {
             tokio::select! {
                 r = leader.changed() => {
                     if r.is_err() || !*leader.borrow_and_update() { break false; }
                 }
                 () = &mut shutdown => break true,
-                _ = &mut sched => break false,
+                _ = &mut sched => { finished = true; break false; }
             }
         };
         stop.cancel();
         if stopping {
             ready.set(false);
             engine.stopping().cancel();
-            if tokio::time::timeout(drain_timeout, &mut sched)
-                .await
-                .is_err()
+            if !finished
+                && tokio::time::timeout(drain_timeout, &mut sched)
+                    .await
+                    .is_err()
             {
                 tracing::warn!("drain timeout passed with fires still running; they are cut off");
                 sched.abort();
@@ -639,7 +641,9 @@ pub async fn run_elected(
         }
         tracing::warn!("lost the lease: no longer firing");
         // Fires already started may finish; new ones are the new leader's.
-        let _ = tokio::time::timeout(drain_timeout, &mut sched).await;
+        if !finished {
+            let _ = tokio::time::timeout(drain_timeout, &mut sched).await;
+        }
     }
 }
 
