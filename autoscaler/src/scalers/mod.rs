@@ -1,2 +1,4 @@
+pub mod kafka;
 pub mod nats;
 pub mod prometheus;
+pub mod rabbitmq;

@@ -1,0 +1,324 @@
+//! The Kafka scaler: a function's backlog is the lag of its consumer group
+//! (see [`FunctionSpec::consumer_group_name`]) summed over every partition of
+//! its topics: high watermark − committed offset. A partition the group never
+//! committed on counts from where the group would start reading
+//! ([`OffsetReset`]), never as −1.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ebb_model::FunctionSpec;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Why a lag could not be read. The policy treats every error as "unknown"
+/// (hold), never as 0 and never as "scale to max".
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaScalerError {
+    #[error("cannot create a Kafka client for {bootstrap}: {message}")]
+    Client { bootstrap: String, message: String },
+    #[error("no Kafka broker of {bootstrap} answers: {message}")]
+    Unreachable { bootstrap: String, message: String },
+    #[error("function {function} has no topics: there is no Kafka lag to read")]
+    NoTopics { function: String },
+    #[error("topic {topic} not found: is it created, and spelled as in the function's `topics`?")]
+    NoTopic { topic: String },
+    #[error("cannot read the metadata of topic {topic}: {message}")]
+    Metadata { topic: String, message: String },
+    #[error("cannot read the committed offsets of consumer group {group}: {message}")]
+    Coordinator { group: String, message: String },
+    #[error("cannot read the watermarks of {topic}[{partition}]: {message}")]
+    Watermarks {
+        topic: String,
+        partition: i32,
+        message: String,
+    },
+    #[error("Kafka did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the Kafka read task failed: {0}")]
+    Task(String),
+}
+
+impl KafkaScalerError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Client { .. } => "client",
+            Self::Unreachable { .. } => "unreachable",
+            Self::NoTopics { .. } => "no_topics",
+            Self::NoTopic { .. } => "missing_topic",
+            Self::Metadata { .. } => "metadata",
+            Self::Coordinator { .. } => "coordinator",
+            Self::Watermarks { .. } => "watermarks",
+            Self::Timeout(_) => "timeout",
+            Self::Task(_) => "task",
+        }
+    }
+}
+
+/// Where a group without a committed offset on a partition starts reading
+/// (`auto.offset.reset`). ebb's connector uses [`Latest`](Self::Latest) for a
+/// new group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetReset {
+    /// At the high watermark: such a partition has no lag.
+    #[default]
+    Latest,
+    /// At the low watermark: everything still retained is lag.
+    Earliest,
+}
+
+/// One read of a function's consumer group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    /// Lag summed over all partitions of the function's topics.
+    pub lag: f64,
+    /// Partitions of the function's topics: more replicas than this would idle.
+    pub partitions: u32,
+}
+
+/// Reads consumer-group lags. Cheap to clone; keeps one client per group
+/// (committed offsets are fetched for the client's own `group.id`).
+#[derive(Clone)]
+pub struct KafkaScaler {
+    config: ClientConfig,
+    bootstrap: String,
+    reset: OffsetReset,
+    timeout: Duration,
+    consumers: Arc<Mutex<HashMap<String, Arc<BaseConsumer>>>>,
+}
+
+impl KafkaScaler {
+    /// A scaler for the cluster at `bootstrap_servers` (`host:port,…`).
+    /// `timeout` bounds one [`read`](Self::read).
+    pub fn new(bootstrap_servers: &str, reset: OffsetReset, timeout: Duration) -> Self {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", bootstrap_servers);
+        Self::with_config(config, reset, timeout)
+    }
+
+    /// Like [`new`](Self::new), from a client configuration (security
+    /// settings…) holding at least `bootstrap.servers`. `group.id`, commit
+    /// and client-id settings are the scaler's.
+    pub fn with_config(config: ClientConfig, reset: OffsetReset, timeout: Duration) -> Self {
+        let bootstrap = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
+        Self {
+            config,
+            bootstrap,
+            reset,
+            timeout,
+            consumers: Arc::default(),
+        }
+    }
+
+    /// Forgets the client of `group` (e.g. when its function is deleted).
+    pub fn forget(&self, group: &str) {
+        self.lock().remove(group);
+    }
+
+    /// The lag of `f`'s consumer group.
+    pub async fn backlog(&self, f: &FunctionSpec) -> Result<f64, KafkaScalerError> {
+        self.read(f).await.map(|r| r.lag)
+    }
+
+    /// The lag of `f`'s consumer group and the partition count of its topics.
+    pub async fn read(&self, f: &FunctionSpec) -> Result<Reading, KafkaScalerError> {
+        if f.topics.is_empty() {
+            return Err(KafkaScalerError::NoTopics {
+                function: f.name.clone(),
+            });
+        }
+        let group = f.consumer_group_name();
+        let consumer = self.consumer(&group)?;
+        let topics = f.topics.clone();
+        let (reset, timeout) = (self.reset, self.timeout);
+        let bootstrap = self.bootstrap.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            read(&consumer, &bootstrap, &group, &topics, reset, timeout)
+        });
+        match tokio::time::timeout(self.timeout, task).await {
+            Err(_) => Err(KafkaScalerError::Timeout(self.timeout)),
+            Ok(Err(join)) => Err(KafkaScalerError::Task(join.to_string())),
+            Ok(Ok(reading)) => reading,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<BaseConsumer>>> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn consumer(&self, group: &str) -> Result<Arc<BaseConsumer>, KafkaScalerError> {
+        if let Some(consumer) = self.lock().get(group) {
+            return Ok(consumer.clone());
+        }
+        // Never subscribes or assigns: it only asks the coordinator for the
+        // group's committed offsets, so it never joins the group.
+        let consumer: BaseConsumer = self
+            .config
+            .clone()
+            .set("group.id", group)
+            .set("client.id", "ebb-autoscaler")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .map_err(|e| KafkaScalerError::Client {
+                bootstrap: self.bootstrap.clone(),
+                message: e.to_string(),
+            })?;
+        let consumer = Arc::new(consumer);
+        Ok(self
+            .lock()
+            .entry(group.to_string())
+            .or_insert(consumer)
+            .clone())
+    }
+}
+
+fn is_timeout(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut)
+}
+
+fn is_unreachable(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve
+        )
+    )
+}
+
+/// Blocking: metadata, committed offsets, then watermarks partition by partition.
+fn read(
+    consumer: &BaseConsumer,
+    bootstrap: &str,
+    group: &str,
+    topics: &[String],
+    reset: OffsetReset,
+    timeout: Duration,
+) -> Result<Reading, KafkaScalerError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
+            if is_timeout(&e) {
+                KafkaScalerError::Timeout(timeout)
+            } else if is_unreachable(&e) {
+                KafkaScalerError::Unreachable {
+                    bootstrap: bootstrap.to_string(),
+                    message: e.to_string(),
+                }
+            } else {
+                KafkaScalerError::Metadata {
+                    topic: topic.clone(),
+                    message: e.to_string(),
+                }
+            }
+        })?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Err(KafkaScalerError::NoTopic {
+                topic: topic.clone(),
+            });
+        };
+        match t.error().map(RDKafkaErrorCode::from) {
+            None => {}
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                return Err(KafkaScalerError::NoTopic {
+                    topic: topic.clone(),
+                });
+            }
+            Some(code) => {
+                return Err(KafkaScalerError::Metadata {
+                    topic: topic.clone(),
+                    message: code.to_string(),
+                });
+            }
+        }
+        if t.partitions().is_empty() {
+            return Err(KafkaScalerError::NoTopic {
+                topic: topic.clone(),
+            });
+        }
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    let partitions = u32::try_from(tpl.count()).unwrap_or(u32::MAX);
+
+    let coordinator = |message: String| KafkaScalerError::Coordinator {
+        group: group.to_string(),
+        message,
+    };
+    let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| {
+        if is_timeout(&e) {
+            KafkaScalerError::Timeout(timeout)
+        } else {
+            coordinator(e.to_string())
+        }
+    })?;
+
+    let mut lag = 0u64;
+    for elem in committed.elements() {
+        elem.error()
+            .map_err(|e| coordinator(format!("{}[{}]: {e}", elem.topic(), elem.partition())))?;
+        let (low, high) = consumer
+            .fetch_watermarks(elem.topic(), elem.partition(), timeout)
+            .map_err(|e| {
+                if is_timeout(&e) {
+                    KafkaScalerError::Timeout(timeout)
+                } else {
+                    KafkaScalerError::Watermarks {
+                        topic: elem.topic().to_string(),
+                        partition: elem.partition(),
+                        message: e.to_string(),
+                    }
+                }
+            })?;
+        lag += partition_lag(elem.offset(), low, high, reset);
+    }
+    Ok(Reading {
+        lag: lag as f64,
+        partitions,
+    })
+}
+
+/// The lag of one partition. Without a usable committed offset (none, or
+/// below the low watermark, which the consumer would reset from too) the
+/// group starts where `reset` says.
+fn partition_lag(committed: Offset, low: i64, high: i64, reset: OffsetReset) -> u64 {
+    let start = match committed {
+        Offset::Offset(n) if n >= low => n,
+        _ => match reset {
+            OffsetReset::Latest => high,
+            OffsetReset::Earliest => low,
+        },
+    };
+    u64::try_from(high.saturating_sub(start)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_of_one_partition() {
+        use OffsetReset::{Earliest, Latest};
+        assert_eq!(partition_lag(Offset::Offset(4), 0, 10, Latest), 6);
+        assert_eq!(partition_lag(Offset::Offset(4), 0, 10, Earliest), 6);
+        assert_eq!(partition_lag(Offset::Invalid, 2, 10, Latest), 0);
+        assert_eq!(partition_lag(Offset::Invalid, 2, 10, Earliest), 8);
+        // Below the low watermark (retention deleted it): reset.
+        assert_eq!(partition_lag(Offset::Offset(1), 2, 10, Earliest), 8);
+        assert_eq!(partition_lag(Offset::Offset(1), 2, 10, Latest), 0);
+        // Never negative.
+        assert_eq!(partition_lag(Offset::Offset(12), 0, 10, Latest), 0);
+    }
+}
