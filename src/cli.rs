@@ -254,6 +254,49 @@ enum ConnectorKind {
     Cron(Box<CronArgs>),
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OffsetReset {
+    Latest,
+    Earliest,
+}
+
+/// The management API settings from `--amqp-management` and the `--amqp` URL.
+fn rabbit_source(
+    amqp: &str,
+    management: Option<&str>,
+) -> Result<ebb_autoscaler::app::RabbitSource, String> {
+    let Some(mgmt) = management else {
+        return Ok(ebb_autoscaler::app::RabbitSource::Amqp(amqp.to_string()));
+    };
+    let url = reqwest::Url::parse(amqp).map_err(|e| format!("--amqp {amqp:?}: {e}"))?;
+    let decode = |s: &str| percent_decode(s);
+    let vhost = match url.path().trim_start_matches('/') {
+        "" => "/".to_string(),
+        v => decode(v),
+    };
+    Ok(ebb_autoscaler::app::RabbitSource::Management(
+        ebb_autoscaler::scalers::rabbitmq::Management {
+            url: mgmt.trim_end_matches('/').to_string(),
+            vhost,
+            user: match url.username() {
+                "" => "guest".to_string(),
+                u => decode(u),
+            },
+            password: url
+                .password()
+                .map(decode)
+                .unwrap_or_else(|| "guest".to_string()),
+        },
+    ))
+}
+
+/// `%2F` → `/` (URL userinfo and paths).
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 #[derive(Debug, Args)]
 struct AutoscalerArgs {
     #[command(flatten)]
@@ -270,6 +313,24 @@ struct AutoscalerArgs {
     /// The JetStream stream the NATS connector uses.
     #[arg(long, env = "EBB_STREAM", default_value = "EBB")]
     stream: String,
+    /// RabbitMQ AMQP URL (amqp://user:pass@host:5672/vhost), to read queue depths.
+    #[arg(long, env = "EBB_AMQP_URL")]
+    amqp: Option<String>,
+    /// RabbitMQ management API (http://host:15672): ready + unacked instead of
+    /// ready only; credentials and vhost come from --amqp.
+    #[arg(long, env = "EBB_AMQP_MANAGEMENT_URL", requires = "amqp")]
+    amqp_management: Option<String>,
+    /// Kafka bootstrap servers (host:port[,host:port]), to read consumer lag.
+    #[arg(long, env = "EBB_KAFKA_BROKERS")]
+    kafka: Option<String>,
+    /// Where a consumer group without a committed offset starts reading.
+    #[arg(
+        long,
+        env = "EBB_KAFKA_OFFSET_RESET",
+        value_enum,
+        default_value = "latest"
+    )]
+    kafka_offset_reset: OffsetReset,
     /// Bound of one input read; past it the input is unknown (hold).
     #[arg(long, env = "EBB_SCALER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     scaler_timeout: Duration,
@@ -589,11 +650,63 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
         namespace: args.source.namespace.clone(),
         interval: args.interval,
         nats: args.nats.clone().map(|u| (u, args.stream.clone())),
+        rabbitmq: match &args.amqp {
+            Some(a) => match rabbit_source(a, args.amqp_management.as_deref()) {
+                Ok(r) => Some(r),
+                Err(e) => return config_error("autoscaler", e),
+            },
+            None => None,
+        },
+        kafka: args.kafka.clone().map(|b| {
+            (
+                b,
+                match args.kafka_offset_reset {
+                    OffsetReset::Latest => ebb_autoscaler::scalers::kafka::OffsetReset::Latest,
+                    OffsetReset::Earliest => ebb_autoscaler::scalers::kafka::OffsetReset::Earliest,
+                },
+            )
+        }),
         scaler_timeout: args.scaler_timeout,
         lease,
     };
     match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => config_error("autoscaler", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn management_settings_come_from_the_amqp_url() {
+        let r = rabbit_source(
+            "amqp://ops:s%40cret@rabbit:5672/%2Fshop",
+            Some("http://rabbit:15672/"),
+        )
+        .unwrap();
+        let ebb_autoscaler::app::RabbitSource::Management(m) = r else {
+            panic!("management expected");
+        };
+        assert_eq!(m.url, "http://rabbit:15672");
+        assert_eq!(m.user, "ops");
+        assert_eq!(m.password, "s@cret");
+        assert_eq!(m.vhost, "/shop");
+
+        let r = rabbit_source("amqp://rabbit", Some("http://rabbit:15672")).unwrap();
+        let ebb_autoscaler::app::RabbitSource::Management(m) = r else {
+            panic!("management expected");
+        };
+        assert_eq!(
+            (m.user.as_str(), m.password.as_str(), m.vhost.as_str()),
+            ("guest", "guest", "/")
+        );
+
+        assert!(matches!(
+            rabbit_source("amqp://rabbit/v", None),
+            Ok(ebb_autoscaler::app::RabbitSource::Amqp(u)) if u == "amqp://rabbit/v"
+        ));
+        assert!(rabbit_source("not a url", Some("http://x")).is_err());
     }
 }

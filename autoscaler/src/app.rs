@@ -37,10 +37,30 @@ pub struct AutoscalerConfig {
     pub interval: Duration,
     /// NATS URL and stream for JetStream backlogs.
     pub nats: Option<(String, String)>,
+    /// RabbitMQ queue depths: the management API, or an AMQP URL (ready only).
+    pub rabbitmq: Option<RabbitSource>,
+    /// Kafka consumer lag: bootstrap servers and where a new group starts.
+    pub kafka: Option<(String, crate::scalers::kafka::OffsetReset)>,
     /// Timeout of one scaler read.
     pub scaler_timeout: Duration,
     /// Leader election; `None` runs the poll loop unconditionally.
     pub lease: Option<ebb_kube::LeaseConfig>,
+}
+
+/// Where RabbitMQ queue depths come from.
+#[derive(Debug, Clone)]
+pub enum RabbitSource {
+    /// `amqp://user:pass@host:port/vhost`: passive declares (ready messages only).
+    Amqp(String),
+    /// The management API (ready + unacked).
+    Management(crate::scalers::rabbitmq::Management),
+}
+
+/// The broker scalers configured for this process.
+struct Scalers {
+    nats: Option<NatsScaler>,
+    rabbitmq: Option<crate::scalers::rabbitmq::RabbitMqScaler>,
+    kafka: Option<crate::scalers::kafka::KafkaScaler>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -234,15 +254,60 @@ async fn wake(
 /// polls means work was done even when nothing is pending now.
 async fn observe(
     f: &Function,
-    nats: Option<&NatsScaler>,
+    scalers: &Scalers,
     http: &reqwest::Client,
     timeout: Duration,
     metrics: &Metrics,
-) -> (Vec<Input>, Option<u64>) {
+) -> (Vec<Input>, Option<u64>, Option<u32>) {
     let key = f.key();
     let mut inputs = Vec::new();
     let mut delivered = None;
-    if let Some(n) = nats
+    let mut cap = None;
+    let error = |scaler: &'static str, label: &'static str, e: &dyn std::fmt::Display| {
+        metrics
+            .scaler_errors
+            .get_or_create(&ScalerLabel {
+                function: key.clone(),
+                scaler,
+                error: label,
+            })
+            .inc();
+        tracing::debug!(function = %key, scaler, error = %e, "input unknown");
+    };
+    if let Some(r) = &scalers.rabbitmq
+        && !f.spec.topics.is_empty()
+    {
+        let value = match r.backlog(&f.spec).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                error("rabbitmq", e.metric_label(), &e);
+                None
+            }
+        };
+        inputs.push(Input {
+            name: "rabbitmq",
+            value,
+        });
+    }
+    if let Some(k) = &scalers.kafka
+        && !f.spec.topics.is_empty()
+    {
+        let value = match k.read(&f.spec).await {
+            Ok(r) => {
+                cap = Some(r.partitions);
+                Some(r.lag)
+            }
+            Err(e) => {
+                error("kafka", e.metric_label(), &e);
+                None
+            }
+        };
+        inputs.push(Input {
+            name: "kafka",
+            value,
+        });
+    }
+    if let Some(n) = &scalers.nats
         && !f.spec.topics.is_empty()
     {
         let value = match n.read(&f.spec).await {
@@ -310,13 +375,13 @@ async fn observe(
                 .set(v);
         }
     }
-    (inputs, delivered)
+    (inputs, delivered, cap)
 }
 
 /// One poll over every function (leader only).
 async fn poll(
     s: &Shared,
-    nats: Option<&NatsScaler>,
+    scalers: &Scalers,
     http: &reqwest::Client,
     timeout: Duration,
     states: &Mutex<HashMap<String, PolicyState>>,
@@ -330,7 +395,7 @@ async fn poll(
         let Some(w) = workloads.get(&key) else {
             continue;
         };
-        let (inputs, delivered) = observe(f, nats, http, timeout, &s.metrics).await;
+        let (inputs, delivered, cap) = observe(f, scalers, http, timeout, &s.metrics).await;
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
             match delivered {
@@ -351,7 +416,7 @@ async fn poll(
                 &Observed {
                     inputs,
                     current,
-                    cap: None,
+                    cap,
                     activity,
                 },
                 &spec,
@@ -434,6 +499,25 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         ),
         None => None,
     };
+    let rabbitmq = match &cfg.rabbitmq {
+        Some(RabbitSource::Amqp(url)) => Some(
+            crate::scalers::rabbitmq::RabbitMqScaler::amqp(url, cfg.scaler_timeout)
+                .map_err(|e| Error::Config(format!("--amqp: {e}")))?,
+        ),
+        Some(RabbitSource::Management(m)) => Some(
+            crate::scalers::rabbitmq::RabbitMqScaler::management(m.clone(), cfg.scaler_timeout)
+                .map_err(|e| Error::Config(format!("--amqp-management: {e}")))?,
+        ),
+        None => None,
+    };
+    let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
+        crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
+    });
+    let scalers = Scalers {
+        nats,
+        rabbitmq,
+        kafka,
+    };
     let http = reqwest::Client::builder()
         .build()
         .map_err(|e| Error::Config(format!("http client: {e}")))?;
@@ -496,7 +580,7 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         if leader.as_ref().is_some_and(|l| !*l.borrow()) {
             continue;
         }
-        poll(&shared, nats.as_ref(), &http, cfg.scaler_timeout, &states).await;
+        poll(&shared, &scalers, &http, cfg.scaler_timeout, &states).await;
     }
     shared
         .ready
