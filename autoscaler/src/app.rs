@@ -446,7 +446,15 @@ async fn poll(
         let hpas = match hpa_cache.get(&w.namespace) {
             Some(h) => h.clone(),
             None => {
-                let h = s.target.hpa_targets(&w.namespace).await.unwrap_or_default();
+                // If HPAs cannot be listed (e.g. RBAC), scale anyway but say so:
+                // holding every function on a missing permission would be worse.
+                let h = match s.target.hpa_targets(&w.namespace).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(namespace = %w.namespace, error = %e, "cannot list HorizontalPodAutoscalers; not checking for conflicts");
+                        Default::default()
+                    }
+                };
                 hpa_cache.insert(w.namespace.clone(), h.clone());
                 h
             }

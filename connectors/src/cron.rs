@@ -36,8 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::Error;
-use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::engine::{Engine, InProcess, NoDeadLetters, NoReply, Target};
 use crate::event::Event;
 use crate::schedule::Schedule;
 
@@ -239,53 +238,6 @@ pub fn catch_up(
     }
 }
 
-/// The delivery of a cron fire: nothing to ack; retries happen in-process.
-struct CronDelivery;
-
-impl Delivery for CronDelivery {
-    fn attempt(&self) -> u32 {
-        1
-    }
-    fn redelivers(&self) -> bool {
-        false
-    }
-    fn progress_interval(&self) -> Option<Duration> {
-        None
-    }
-    async fn ack(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn in_progress(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn release(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn terminate(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-}
-
-/// Cron fires have no broker to dead-letter to: the event is logged in full.
-struct LogDeadLetters;
-
-impl DeadLetterSink for LogDeadLetters {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        _body: Bytes,
-    ) -> Result<(), Error> {
-        tracing::error!(%destination, ?headers, "cron fire given up; cron has no broker for dead letters");
-        Err(Error::DeadLetter(format!(
-            "the cron connector cannot publish to {destination}"
-        )))
-    }
-}
-
 /// The event of one fire.
 pub fn tick_event(spec: &FunctionSpec, at: DateTime<Utc>) -> Event {
     let key = format!("{}/{}", spec.namespace, spec.name);
@@ -313,8 +265,15 @@ pub trait Fire: Send + Sync + 'static {
 
 impl Fire for Engine {
     async fn fire(&self, target: Arc<Target>, event: Event) {
-        self.deliver(&target, &event, CronDelivery, &LogDeadLetters)
-            .await;
+        // Cron has no broker: a fire that exhausts its attempts is logged
+        // with its reason by the engine (there is nowhere to dead-letter it).
+        self.deliver(
+            &target,
+            &event,
+            InProcess::<NoReply>::new(None),
+            &NoDeadLetters,
+        )
+        .await;
     }
 }
 

@@ -79,6 +79,66 @@ pub trait Delivery: Send {
     }
 }
 
+/// Where the answer of a delivered event goes (request/reply sources).
+pub trait Reply: Send {
+    fn send(self, body: Bytes) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// No reply: the source did not ask for one.
+pub enum NoReply {}
+
+impl Reply for NoReply {
+    async fn send(self, _: Bytes) -> Result<(), Error> {
+        match self {}
+    }
+}
+
+/// A delivery whose source keeps nothing to settle (core NATS, cron): no
+/// ack, no redelivery, retries wait in the engine; a delivered event's answer
+/// goes to `reply` when the source asked for one.
+pub struct InProcess<R: Reply = NoReply> {
+    reply: Option<R>,
+}
+
+impl<R: Reply> InProcess<R> {
+    pub fn new(reply: Option<R>) -> Self {
+        Self { reply }
+    }
+}
+
+impl<R: Reply> Delivery for InProcess<R> {
+    fn attempt(&self) -> u32 {
+        1
+    }
+    fn redelivers(&self) -> bool {
+        false
+    }
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+    async fn ack(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn in_progress(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn release(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn terminate(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn reply(&mut self, body: Bytes) -> Result<(), Error> {
+        match self.reply.take() {
+            Some(r) => r.send(body).await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Where a source publishes dead letters.
 pub trait DeadLetterSink: Send + Sync {
     /// Publishes durably; `Ok` only once the broker has the message.

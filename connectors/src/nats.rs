@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply, Target};
 use crate::event::Event;
 use crate::limit::{Limit, Permit};
 use crate::routing::{covers, minimal_subjects, validate_subject};
@@ -280,45 +280,18 @@ impl Delivery for JsDelivery {
     }
 }
 
-/// A core NATS message: nothing to ack; retries happen in the connector.
-struct CoreDelivery {
+/// The reply subject of a core NATS request.
+struct NatsReply {
     client: async_nats::Client,
-    reply: Option<async_nats::Subject>,
+    subject: async_nats::Subject,
 }
 
-impl Delivery for CoreDelivery {
-    fn attempt(&self) -> u32 {
-        1
-    }
-    fn redelivers(&self) -> bool {
-        false
-    }
-    fn progress_interval(&self) -> Option<Duration> {
-        None
-    }
-    async fn ack(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn in_progress(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn release(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn terminate(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn reply(&mut self, body: Bytes) -> Result<(), Error> {
-        if let Some(r) = self.reply.take() {
-            self.client
-                .publish(r, body)
-                .await
-                .map_err(|e| Error::Broker(format!("reply: {e}")))?;
-        }
-        Ok(())
+impl Reply for NatsReply {
+    async fn send(self, body: Bytes) -> Result<(), Error> {
+        self.client
+            .publish(self.subject, body)
+            .await
+            .map_err(|e| Error::Broker(format!("reply: {e}")))
     }
 }
 
@@ -795,10 +768,10 @@ async fn consume_core(
             body: msg.payload.clone(),
             position: format!("core subject {}", msg.subject),
         };
-        let delivery = CoreDelivery {
+        let delivery = InProcess::new(msg.reply.clone().map(|subject| NatsReply {
             client: client.clone(),
-            reply: msg.reply.clone(),
-        };
+            subject,
+        }));
         let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
         tracker.spawn(async move {
             let _permits = permits;
