@@ -40,9 +40,9 @@ enum Command {
     Connector(Box<ConnectorKind>),
     /// Scale functions with their backlog (not implemented yet).
     Autoscaler(AutoscalerArgs),
-    /// Publish one event to a topic (not implemented yet).
+    /// Publish one event to a topic (NATS, or a running `ebb dev`).
     Publish(PublishArgs),
-    /// Run everything on this machine from a stack file, no Kubernetes (not implemented yet).
+    /// Run everything on this machine from a stack file: no Kubernetes, no broker needed.
     Dev(DevArgs),
     /// Render Kubernetes manifests for a stack file (not implemented yet).
     Deploy(DeployArgs),
@@ -334,6 +334,10 @@ struct AutoscalerArgs {
     /// Bound of one input read; past it the input is unknown (hold).
     #[arg(long, env = "EBB_SCALER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     scaler_timeout: Duration,
+    /// Functions read (and scaled) at the same time in one poll.
+    #[arg(long, env = "EBB_MAX_CONCURRENT_READS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrent_reads: u32,
     #[command(flatten)]
     lease: LeaseArgs,
     /// Poll without electing a leader (one replica only).
@@ -365,8 +369,16 @@ struct PublishArgs {
 
 #[derive(Debug, Args)]
 struct DevArgs {
+    /// Where to serve POST /publish/{topic}, /_/status and /metrics.
     #[arg(long, env = "EBB_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// How often the scaling policy runs.
+    #[arg(long, env = "EBB_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Events waiting per function before a publish is refused (429).
+    #[arg(long, env = "EBB_MAX_BACKLOG", default_value = "10000", value_parser = clap::value_parser!(u32).range(1..))]
+    max_backlog: u32,
+    /// The stack file, e.g. examples/stack.yaml.
     stack: PathBuf,
 }
 
@@ -381,6 +393,17 @@ fn not_implemented(what: &str) -> ExitCode {
 }
 
 impl Cli {
+    /// Logging to stderr; `ebb dev` keeps log lines above its live table.
+    pub fn init_tracing(&self) {
+        match &self.command {
+            Command::Dev(_) => ebb_runtime::init_tracing_to(
+                self.log_format,
+                ebb_dev::console::LogWriter(ebb_dev::console::global()),
+            ),
+            _ => ebb_runtime::init_tracing(self.log_format),
+        }
+    }
+
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Worker(args) => run_worker(args).await,
@@ -396,7 +419,7 @@ impl Cli {
             },
             Command::Autoscaler(args) => run_autoscaler(args).await,
             Command::Publish(args) => run_publish(args).await,
-            Command::Dev(_) => not_implemented("dev"),
+            Command::Dev(args) => run_dev(args).await,
             Command::Deploy(_) => not_implemented("deploy"),
         }
     }
@@ -474,6 +497,7 @@ fn connector_common(
             base: a.retry_base_delay,
             cap: a.retry_max_delay,
         },
+        resolver: None,
     })
 }
 
@@ -551,6 +575,85 @@ fn parse_headers(raw: &[String]) -> Result<http::HeaderMap, String> {
     Ok(h)
 }
 
+async fn run_dev(args: DevArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ebb dev: cannot find the ebb binary to run replicas with: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = ebb_dev::DevConfig {
+        stack: args.stack,
+        listen: args.listen,
+        exe,
+        interval: args.interval,
+        max_backlog: args.max_backlog as usize,
+        reload_every: Duration::from_millis(500),
+    };
+    match ebb_dev::run(cfg, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ebb_dev::Error::Config(_)) => config_error("dev", e),
+        Err(e) => {
+            eprintln!("ebb dev: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ebb publish --dev URL TOPIC DATA`: one event to a running `ebb dev`.
+async fn publish_dev(url: &str, topic: &str, headers: http::HeaderMap, body: Vec<u8>) -> ExitCode {
+    let base = url.trim_end_matches('/');
+    let target = format!(
+        "{base}/publish/{}",
+        percent_encoding::utf8_percent_encode(topic, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ebb publish: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let resp = match client
+        .post(&target)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "ebb publish: cannot reach ebb dev at {base} ({e}); is `ebb dev` running with --listen on that address?"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        eprintln!("ebb publish: ebb dev answered {status}: {}", text.trim());
+        return ExitCode::FAILURE;
+    }
+    let functions: Vec<String> = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("functions").cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    if functions.is_empty() && !text.contains("stream_sequence") {
+        eprintln!("published to {topic}, but no function subscribes to it: the event was dropped");
+    } else if functions.is_empty() {
+        eprintln!("published to {topic}");
+    } else {
+        eprintln!("published to {topic} → {}", functions.join(", "));
+    }
+    ExitCode::SUCCESS
+}
+
 async fn run_publish(args: PublishArgs) -> ExitCode {
     let headers = match parse_headers(&args.headers) {
         Ok(h) => h,
@@ -560,11 +663,17 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return config_error("publish", e),
     };
-    let Some(url) = args.nats.clone() else {
-        if args.amqp.is_some() || args.kafka.is_some() || args.dev.is_some() {
-            return not_implemented("publish (only --nats works today)");
+    if let Some(dev) = &args.dev {
+        if args.nats.is_some() || args.amqp.is_some() || args.kafka.is_some() {
+            return config_error("publish", "give one of --dev, --nats, --amqp, --kafka");
         }
-        return config_error("publish", "say where to publish: --nats URL");
+        return publish_dev(dev, &args.topic, headers, body).await;
+    }
+    let Some(url) = args.nats.clone() else {
+        if args.amqp.is_some() || args.kafka.is_some() {
+            return not_implemented("publish (--nats and --dev work today)");
+        }
+        return config_error("publish", "say where to publish: --dev URL or --nats URL");
     };
     let cfg = ebb_connectors::nats::NatsConfig {
         url,
@@ -667,6 +776,7 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
             )
         }),
         scaler_timeout: args.scaler_timeout,
+        max_concurrent_reads: args.max_concurrent_reads as usize,
         lease,
     };
     match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {

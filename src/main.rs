@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     // Two rustls crypto backends are linked (broker clients bring ring);
     // without a default, kube's TLS set-up would panic.
     ebb_kube::install_crypto_provider();
-    ebb_runtime::init_tracing(cli.log_format);
+    cli.init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

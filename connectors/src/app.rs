@@ -46,6 +46,8 @@ pub struct CommonOptions {
     pub hold_timeout: Duration,
     pub signing_secret_file: Option<PathBuf>,
     pub backoff: Backoff,
+    /// Local replicas the engine picks among (`ebb dev`); `None` calls URLs.
+    pub resolver: Option<crate::engine::Resolver>,
 }
 
 /// What a running connector shares with its source.
@@ -142,6 +144,7 @@ impl Parts {
                 backoff: opts.backoff,
                 hold_timeout: opts.hold_timeout,
                 signer,
+                resolver: opts.resolver,
                 ..EngineConfig::default()
             },
             opts.autoscaler_url,

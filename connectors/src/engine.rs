@@ -225,6 +225,36 @@ impl Waker {
     }
 }
 
+/// The replicas of one function when the engine picks among them itself
+/// (`ebb dev`'s local replicas) instead of calling one Service address.
+pub trait Endpoints: Send + Sync {
+    /// The address of a ready replica, or `None` when none is ready (a hold,
+    /// exactly as a Service without endpoints refuses connections).
+    fn pick(&self) -> Option<http::Uri>;
+    /// A call of this function failed, for status displays.
+    fn failed(&self, _reason: &str) {}
+    /// Resolves once a replica is ready, so a held event goes out at once
+    /// instead of at its next pause's end.
+    fn ready(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Finds the [`Endpoints`] of a function; `None` calls its URL.
+pub trait Resolve: Send + Sync {
+    fn endpoints(&self, spec: &FunctionSpec) -> Option<Arc<dyn Endpoints>>;
+}
+
+/// A shared [`Resolve`], for options that are `Debug` and `Clone`.
+#[derive(Clone)]
+pub struct Resolver(pub Arc<dyn Resolve>);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver(…)")
+    }
+}
+
 /// A function as the engine delivers to it: its settings, its parsed URL and
 /// its metric handles, built once per function rather than per event.
 pub struct Target {
@@ -232,6 +262,8 @@ pub struct Target {
     /// `namespace/name`.
     pub key: String,
     pub uri: http::Uri,
+    /// Replicas picked per call, when a resolver knows them.
+    endpoints: Option<Arc<dyn Endpoints>>,
     m: TargetMetrics,
 }
 
@@ -254,6 +286,8 @@ pub struct EngineConfig {
     pub signer: Option<Signer>,
     /// Largest response body kept (for replies and dead letters).
     pub max_response: usize,
+    /// Local replicas picked by the engine (`ebb dev`); `None` calls URLs.
+    pub resolver: Option<Resolver>,
 }
 
 impl Default for EngineConfig {
@@ -263,6 +297,7 @@ impl Default for EngineConfig {
             hold_timeout: Duration::from_secs(300),
             signer: None,
             max_response: 1 << 20,
+            resolver: None,
         }
     }
 }
@@ -319,7 +354,16 @@ impl Engine {
     /// Service default) and creates its metric series.
     pub fn target(&self, spec: Arc<FunctionSpec>) -> Result<Arc<Target>, Error> {
         let key = format!("{}/{}", spec.namespace, spec.name);
-        let raw = function_url(&spec);
+        let endpoints = self
+            .config
+            .resolver
+            .as_ref()
+            .and_then(|r| r.0.endpoints(&spec));
+        let raw = match &endpoints {
+            // Replicas are picked per call; the URL only names the path.
+            Some(_) => "http://127.0.0.1/".to_string(),
+            None => function_url(&spec),
+        };
         let uri: http::Uri = raw.parse().map_err(|e| {
             Error::Config(format!(
                 "function {key}: url `{raw}` is not a valid URL ({e}); set ebb.io/url to http://host:port"
@@ -358,7 +402,13 @@ impl Engine {
                 })
                 .clone(),
         };
-        Ok(Arc::new(Target { spec, key, uri, m }))
+        Ok(Arc::new(Target {
+            spec,
+            key,
+            uri,
+            endpoints,
+            m,
+        }))
     }
 
     /// One call of `event` to `f`.
@@ -366,10 +416,20 @@ impl Engine {
         let f = &*t.spec;
         let now_unix = chrono::Utc::now().timestamp();
         let headers = delivery_headers(event, attempt, self.config.signer.as_ref(), now_unix);
+        let uri = match &t.endpoints {
+            None => t.uri.clone(),
+            Some(e) => match e.pick() {
+                Some(uri) => uri,
+                None => {
+                    t.m.hold.inc();
+                    return CallResult::Hold(Hold::NoReplica);
+                }
+            },
+        };
         let started = Instant::now();
         let mut req = http::Request::new(Full::new(event.body.clone()));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = t.uri.clone();
+        *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         let max_response = self.config.max_response;
         let exchange = async {
@@ -502,7 +562,16 @@ impl Engine {
                         }
                         let pause = hold_delay;
                         hold_delay = (hold_delay * 2).min(Duration::from_secs(1));
-                        if !self.pause_extending(&mut d, &mut extended, pause).await {
+                        let paused = match (&t.endpoints, hold) {
+                            (Some(e), Hold::NoReplica) => {
+                                tokio::select! {
+                                    r = self.pause_extending(&mut d, &mut extended, pause) => r,
+                                    () = e.ready() => !self.stopping.is_cancelled(),
+                                }
+                            }
+                            _ => self.pause_extending(&mut d, &mut extended, pause).await,
+                        };
+                        if !paused {
                             self.release(&mut d, function, event).await;
                             return;
                         }
@@ -511,7 +580,12 @@ impl Engine {
                     tracing::warn!(function = %function, position = %event.position, hold_timeout = ?self.config.hold_timeout, "no replica took the event within the hold timeout");
                     (Failure::HoldTimeout, Bytes::new())
                 }
-                CallResult::Failed { failure, body } => (failure, body),
+                CallResult::Failed { failure, body } => {
+                    if let Some(e) = &t.endpoints {
+                        e.failed(&failure.reason());
+                    }
+                    (failure, body)
+                }
             };
             hold_since = None;
             hold_delay = Duration::from_millis(25);

@@ -60,15 +60,27 @@ impl std::str::FromStr for LogFormat {
 ///
 /// The filter comes from `RUST_LOG` (or `EBB_LOG`), defaulting to `info`.
 pub fn init_tracing(format: LogFormat) {
+    init_tracing_to(format, std::io::stderr);
+}
+
+/// As [`init_tracing`], writing to `writer` (`ebb dev` keeps log lines
+/// above its live table).
+pub fn init_tracing_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("EBB_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never into pipes and files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     // A second initialisation (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,0 +1,469 @@
+//! `ebb dev`: the whole of ebb on one machine. The real dispatcher, retry
+//! policy, cron scheduler, scaling policy and `ebb worker` run as they do on
+//! Kubernetes; only the broker (an in-memory bus unless the stack names
+//! `sources`) and the scale target (local `ebb worker` processes) are
+//! swapped for local ones.
+#![forbid(unsafe_code)]
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
+pub mod bus;
+pub mod console;
+pub mod replicas;
+mod server;
+pub mod stack;
+pub mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ebb_autoscaler::policy::{self, Input, Observed, PolicyState, ScaleSpec};
+use ebb_connectors::engine::{Engine, EngineConfig, Resolver};
+use ebb_connectors::metrics::{FunctionLabels, Metrics, OutcomeLabels};
+use ebb_model::{Catalog, FunctionSpec};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::console::Console;
+use crate::replicas::Replicas;
+use crate::stack::DevStack;
+
+/// Errors of `ebb dev`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A mistake in the stack file or the flags (exit 2).
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+/// Settings of `ebb dev`.
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    pub stack: PathBuf,
+    /// Where `/publish`, `/wake`, `/_/status` and `/metrics` are served.
+    pub listen: SocketAddr,
+    /// The `ebb` binary, run as `ebb worker` for each replica.
+    pub exe: PathBuf,
+    /// How often the scaling policy runs.
+    pub interval: Duration,
+    /// Events waiting per function before a publish is refused.
+    pub max_backlog: usize,
+    /// How often the stack file is checked for changes.
+    pub reload_every: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FnLabel {
+    function: String,
+}
+
+/// What every part of `ebb dev` shares.
+pub(crate) struct Dev {
+    pub(crate) cfg: DevConfig,
+    pub(crate) stack: RwLock<DevStack>,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) bus: Arc<Bus>,
+    pub(crate) replicas: Arc<Replicas>,
+    pub(crate) registry: Registry,
+    pub(crate) decisions: Mutex<HashMap<String, String>>,
+    pub(crate) reload_error: Mutex<Option<String>>,
+    /// The stack's NATS source, where `POST /publish` publishes.
+    pub(crate) nats: Option<async_nats::Client>,
+    replicas_gauge: Family<FnLabel, Gauge>,
+    backlog_gauge: Family<FnLabel, Gauge>,
+}
+
+impl Dev {
+    fn key(name: &str) -> String {
+        format!("{}/{name}", ebb_model::DEFAULT_NAMESPACE)
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        self.engine.metrics()
+    }
+
+    pub(crate) fn counter(&self, name: &str, outcome: &'static str) -> u64 {
+        self.metrics()
+            .deliveries
+            .get_or_create(&OutcomeLabels {
+                function: Self::key(name),
+                outcome,
+            })
+            .get()
+    }
+
+    pub(crate) fn retries(&self, name: &str) -> u64 {
+        self.metrics()
+            .retries
+            .get_or_create(&FunctionLabels {
+                function: Self::key(name),
+            })
+            .get()
+    }
+
+    pub(crate) fn inflight(&self, name: &str) -> i64 {
+        self.metrics()
+            .inflight
+            .get_or_create(&FunctionLabels {
+                function: Self::key(name),
+            })
+            .get()
+    }
+
+    fn spec(&self, name: &str) -> Option<Arc<FunctionSpec>> {
+        self.stack
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// Runs `ebb dev` until `shutdown`, then stops every replica.
+pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let stack = stack::load(&cfg.stack)?;
+    if stack.sources.amqp.is_some() || stack.sources.kafka.is_some() {
+        return Err(Error::Config(format!(
+            "{}: sources.amqp and sources.kafka are not supported by ebb dev yet (only sources.nats); remove them to use the in-memory bus",
+            cfg.stack.display()
+        )));
+    }
+    let dir = cfg
+        .stack
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let console = console::global();
+    let replicas = Arc::new(Replicas::new(cfg.exe.clone(), dir, console.clone()));
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Error::Config(format!("--listen {}: {e}", cfg.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Run(format!("--listen {}: {e}", cfg.listen)))?;
+    let wake_host = if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+    } else {
+        bound
+    };
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let cron_metrics = ebb_connectors::cron::CronMetrics::register(&mut registry);
+    let replicas_gauge = Family::<FnLabel, Gauge>::default();
+    let backlog_gauge = Family::<FnLabel, Gauge>::default();
+    registry.register(
+        "ebb_dev_replicas",
+        "Local replicas of each function (running or starting)",
+        replicas_gauge.clone(),
+    );
+    registry.register(
+        "ebb_dev_backlog",
+        "Events waiting for or in delivery, per function",
+        backlog_gauge.clone(),
+    );
+    let engine = Arc::new(
+        Engine::new(
+            EngineConfig {
+                resolver: Some(Resolver(replicas.clone())),
+                ..EngineConfig::default()
+            },
+            Some(format!("http://{wake_host}")),
+            metrics,
+            CancellationToken::new(),
+        )
+        .map_err(|e| Error::Run(e.to_string()))?,
+    );
+    let bus = Bus::new(engine.clone(), replicas.clone(), cfg.max_backlog);
+    let nats = match &stack.sources.nats {
+        Some(url) => Some(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                ebb_connectors::nats::connect(
+                    &ebb_connectors::nats::NatsConfig {
+                        url: url.clone(),
+                        ..Default::default()
+                    },
+                    "ebb-dev",
+                    &CancellationToken::new(),
+                ),
+            )
+            .await
+            .map_err(|_| Error::Run(format!("sources.nats: cannot connect to {url} within 10s")))?
+            .map_err(|e| Error::Run(format!("sources.nats: {e}")))?,
+        ),
+        None => None,
+    };
+    if nats.is_none() {
+        bus.update(&stack.functions);
+    }
+    let (ctx, crx) = watch::channel(Arc::new(stack.catalog()));
+    let dev = Arc::new(Dev {
+        cfg: cfg.clone(),
+        stack: RwLock::new(stack.clone()),
+        engine: engine.clone(),
+        bus: bus.clone(),
+        replicas: replicas.clone(),
+        registry,
+        decisions: Mutex::new(HashMap::new()),
+        reload_error: Mutex::new(None),
+        nats,
+        replicas_gauge,
+        backlog_gauge,
+    });
+
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    // Cron: the connector's scheduler, delivering through the same engine.
+    tasks.push(tokio::spawn(ebb_connectors::cron::run_schedules(
+        crx.clone(),
+        engine.clone(),
+        engine.clone(),
+        cron_metrics,
+        ebb_connectors::cron::Clock::System,
+        Arc::new(ebb_connectors::cron::MemoryTicks::default()),
+        stop.clone(),
+    )));
+    // A NATS source: the real connector, in process.
+    let mut nats_task = None;
+    if let Some(url) = &stack.sources.nats {
+        let cfg = ebb_connectors::nats::NatsConfig {
+            url: url.clone(),
+            ..Default::default()
+        };
+        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
+        let s = stop.clone();
+        let (e, c) = (engine.clone(), crx.clone());
+        nats_task = Some(tokio::spawn(async move {
+            if let Err(e) = ebb_connectors::nats::run(cfg, c, e, ready, s.cancelled_owned()).await {
+                tracing::error!(error = %e, "the NATS source stopped");
+            }
+        }));
+    }
+    let scaler = match &stack.sources.nats {
+        Some(url) => Some(
+            ebb_autoscaler::scalers::nats::NatsScaler::connect(url, "EBB", Duration::from_secs(2))
+                .await
+                .map_err(|e| Error::Run(format!("sources.nats: {e}")))?,
+        ),
+        None => None,
+    };
+    tasks.push(tokio::spawn(scale_loop(dev.clone(), scaler, stop.clone())));
+    tasks.push(tokio::spawn(reload_loop(dev.clone(), ctx, stop.clone())));
+    tasks.push(tokio::spawn(view_loop(
+        dev.clone(),
+        console.clone(),
+        stop.clone(),
+    )));
+
+    let server_stop = CancellationToken::new();
+    let app = server::router(dev.clone());
+    let ss = server_stop.clone();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { ss.cancelled().await })
+            .await;
+    });
+    tracing::info!(addr = %bound, stack = %cfg.stack.display(), "ebb dev is running; publish with `ebb publish --dev http://{bound} TOPIC DATA`");
+
+    shutdown.await;
+    tracing::info!("stopping: finishing deliveries, then draining replicas");
+    stop.cancel();
+    engine.stopping().cancel();
+    bus.shutdown().await;
+    if let Some(t) = nats_task {
+        let _ = t.await;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    replicas.shutdown().await;
+    server_stop.cancel();
+    let _ = server.await;
+    console.draw("");
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Every interval: the autoscaler's policy over each local function's
+/// backlog, applied to its replicas.
+async fn scale_loop(
+    dev: Arc<Dev>,
+    scaler: Option<ebb_autoscaler::scalers::nats::NatsScaler>,
+    stop: CancellationToken,
+) {
+    let mut states: HashMap<String, PolicyState> = HashMap::new();
+    let mut delivered: HashMap<String, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(dev.cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let functions = dev
+            .stack
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .functions
+            .clone();
+        states.retain(|name, _| functions.iter().any(|f| &f.name == name));
+        for f in functions.iter().filter(|f| !f.command.is_empty()) {
+            let mut backlog = Some(
+                dev.bus
+                    .backlog(&f.name)
+                    .map_or_else(|| dev.inflight(&f.name).max(0) as f64, |b| b as f64),
+            );
+            if let Some(s) = &scaler
+                && !f.topics.is_empty()
+            {
+                backlog = match s.read(f).await {
+                    Ok(r) => Some(r.backlog + dev.inflight(&f.name).max(0) as f64),
+                    Err(e) => {
+                        tracing::debug!(function = %f.name, error = %e, "backlog unknown");
+                        None
+                    }
+                };
+            }
+            let done = dev.counter(&f.name, "delivered")
+                + dev.counter(&f.name, "dead_lettered")
+                + dev.counter(&f.name, "dropped");
+            let activity = delivered
+                .insert(f.name.clone(), done)
+                .is_some_and(|before| before != done);
+            let current = dev.replicas.count(&f.name).await;
+            let decision = policy::decide(
+                &Observed {
+                    inputs: vec![Input {
+                        name: "backlog",
+                        value: backlog,
+                    }],
+                    current,
+                    cap: None,
+                    activity,
+                },
+                &ScaleSpec::from_function(f),
+                states.entry(f.name.clone()).or_default(),
+                tokio::time::Instant::now(),
+            );
+            let label = FnLabel {
+                function: f.name.clone(),
+            };
+            if let Some(b) = backlog {
+                dev.backlog_gauge.get_or_create(&label).set(b as i64);
+            }
+            if let Some(to) = decision.replicas
+                && to != current
+            {
+                tracing::info!(function = %f.name, from = current, to, reason = %decision.reason, "scaling");
+                if let Ok(mut d) = dev.decisions.lock() {
+                    d.insert(f.name.clone(), decision.reason.to_string());
+                }
+                dev.replicas.scale(f, to).await;
+            }
+            let now = dev.replicas.count(&f.name).await;
+            dev.replicas_gauge.get_or_create(&label).set(i64::from(now));
+        }
+    }
+}
+
+/// Picks up edits of the stack file; a broken edit keeps the last good stack.
+async fn reload_loop(dev: Arc<Dev>, catalog: watch::Sender<Arc<Catalog>>, stop: CancellationToken) {
+    let path = dev.cfg.stack.clone();
+    let mut last = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(dev.cfg.reload_every) => {}
+            () = stop.cancelled() => return,
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read the stack file; keeping the running functions");
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        last = text.clone();
+        let new = match stack::parse(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the stack file has a mistake; keeping the last good functions");
+                if let Ok(mut r) = dev.reload_error.lock() {
+                    *r = Some(e.to_string());
+                }
+                continue;
+            }
+        };
+        if new.sources != dev.stack.read().unwrap_or_else(|p| p.into_inner()).sources {
+            tracing::warn!(file = %path.display(), "a change of sources takes effect when ebb dev restarts");
+        }
+        if let Ok(mut r) = dev.reload_error.lock() {
+            *r = None;
+        }
+        let old = std::mem::replace(
+            &mut *dev.stack.write().unwrap_or_else(|p| p.into_inner()),
+            new.clone(),
+        );
+        for f in &old.functions {
+            match new.get(&f.name) {
+                None => {
+                    tracing::info!(function = %f.name, "function removed");
+                    dev.replicas.remove(&f.name).await;
+                }
+                Some(n) if n != f => {
+                    tracing::info!(function = %f.name, "function changed");
+                    dev.replicas.update(n).await;
+                }
+                Some(_) => {}
+            }
+        }
+        for f in &new.functions {
+            if old.get(&f.name).is_none() {
+                tracing::info!(function = %f.name, "function added");
+            }
+        }
+        if dev.nats.is_none() {
+            dev.bus.update(&new.functions);
+        }
+        let _ = catalog.send(Arc::new(new.catalog()));
+    }
+}
+
+/// The live table on a terminal; a status line per change otherwise.
+async fn view_loop(dev: Arc<Dev>, console: Arc<Console>, stop: CancellationToken) {
+    let every = if console.live() {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let s = status::snapshot(&dev).await;
+        if console.live() {
+            console.draw(&status::table(&s));
+        } else {
+            let line = status::summary(&s);
+            if line != last {
+                tracing::info!("{line}");
+                last = line;
+            }
+        }
+    }
+}
