@@ -43,6 +43,9 @@ pub struct AutoscalerConfig {
     pub kafka: Option<(String, crate::scalers::kafka::OffsetReset)>,
     /// Timeout of one scaler read.
     pub scaler_timeout: Duration,
+    /// Functions whose inputs are read (and whose count is decided and
+    /// applied) at the same time during one poll; at least 1.
+    pub max_concurrent_reads: usize,
     /// Leader election; `None` runs the poll loop unconditionally.
     pub lease: Option<ebb_kube::LeaseConfig>,
 }
@@ -56,11 +59,15 @@ pub enum RabbitSource {
     Management(crate::scalers::rabbitmq::Management),
 }
 
-/// The broker scalers configured for this process.
+/// The scalers configured for this process.
 struct Scalers {
     nats: Option<NatsScaler>,
     rabbitmq: Option<crate::scalers::rabbitmq::RabbitMqScaler>,
     kafka: Option<crate::scalers::kafka::KafkaScaler>,
+    /// For Prometheus scrapes and queries.
+    http: reqwest::Client,
+    prometheus_auth: crate::scalers::prometheus::HttpAuth,
+    timeout: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +106,8 @@ struct Metrics {
     wakeups: Family<FnLabel, Counter>,
     /// Wake-up received → scale patched.
     wake_to_patch: Histogram,
+    /// One poll over every function.
+    poll_duration: Histogram,
 }
 
 impl Metrics {
@@ -113,6 +122,7 @@ impl Metrics {
             patch_errors: Family::default(),
             wakeups: Family::default(),
             wake_to_patch: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         r.register(
             "ebb_autoscaler_desired_replicas",
@@ -158,6 +168,11 @@ impl Metrics {
             "ebb_autoscaler_wake_to_patch_seconds",
             "From a wake-up received to the scale patched",
             m.wake_to_patch.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_poll_duration_seconds",
+            "One poll: every function's inputs read, its count decided and applied",
+            m.poll_duration.clone(),
         );
         m
     }
@@ -255,10 +270,9 @@ async fn wake(
 async fn observe(
     f: &Function,
     scalers: &Scalers,
-    http: &reqwest::Client,
-    timeout: Duration,
     metrics: &Metrics,
 ) -> (Vec<Input>, Option<u64>, Option<u32>) {
+    let (http, auth, timeout) = (&scalers.http, &scalers.prometheus_auth, scalers.timeout);
     let key = f.key();
     let mut inputs = Vec::new();
     let mut delivered = None;
@@ -336,12 +350,10 @@ async fn observe(
     if let Some(p) = &f.spec.prometheus {
         let r = match p {
             ebb_model::Prometheus::Scrape { url, metric } => {
-                crate::scalers::prometheus::scrape(http, &Default::default(), url, metric, timeout)
-                    .await
+                crate::scalers::prometheus::scrape(http, auth, url, metric, timeout).await
             }
             ebb_model::Prometheus::Query { server, query } => {
-                crate::scalers::prometheus::query(http, &Default::default(), server, query, timeout)
-                    .await
+                crate::scalers::prometheus::query(http, auth, server, query, timeout).await
             }
         };
         let value = match r {
@@ -378,24 +390,37 @@ async fn observe(
     (inputs, delivered, cap)
 }
 
-/// One poll over every function (leader only).
+/// HPA targets per namespace, listed at most once per poll (and only when a
+/// function of that namespace is about to be scaled).
+type HpaCache = Mutex<
+    HashMap<String, Arc<tokio::sync::OnceCell<std::collections::HashSet<(WorkloadKind, String)>>>>,
+>;
+
+/// One poll over every function (leader only): up to `concurrency`
+/// functions are read, decided and applied at the same time, so one slow
+/// input (bounded by the scaler timeout) delays only its own function.
 async fn poll(
     s: &Shared,
     scalers: &Scalers,
-    http: &reqwest::Client,
-    timeout: Duration,
     states: &Mutex<HashMap<String, PolicyState>>,
+    concurrency: usize,
 ) {
+    use futures::StreamExt as _;
+
+    let started = Instant::now();
     let catalog = s.catalog.borrow().clone();
     let workloads = s.workloads.borrow().clone();
-    let mut hpa_cache: HashMap<String, std::collections::HashSet<(WorkloadKind, String)>> =
-        HashMap::new();
-    for f in &catalog.functions {
+    let workloads = &*workloads;
+    let hpas = HpaCache::default();
+    let hpas = &hpas;
+    let functions = &catalog.functions[..];
+    let one = |i: usize| async move {
+        let f = &functions[i];
         let key = f.key();
         let Some(w) = workloads.get(&key) else {
-            continue;
+            return;
         };
-        let (inputs, delivered, cap) = observe(f, scalers, http, timeout, &s.metrics).await;
+        let (inputs, delivered, cap) = observe(f, scalers, &s.metrics).await;
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
             match delivered {
@@ -404,7 +429,7 @@ async fn poll(
             }
         };
         if inputs.is_empty() {
-            continue; // nothing to scale by (e.g. a cron-only function)
+            return; // nothing to scale by (e.g. a cron-only function)
         }
         let current = w.replicas.unwrap_or(1);
         let spec = ScaleSpec::from_function(&f.spec);
@@ -424,56 +449,90 @@ async fn poll(
                 now,
             )
         };
-        let label = FnLabel {
-            function: key.clone(),
-        };
-        s.metrics.current.get_or_create(&label).set(current as i64);
-        s.metrics
-            .desired
-            .get_or_create(&label)
-            .set(decision.replicas.unwrap_or(current) as i64);
-        s.metrics
-            .decisions
-            .get_or_create(&ReasonLabel {
-                function: key.clone(),
-                reason: decision.reason.label(),
-            })
-            .inc();
-        let Some(to) = decision.replicas else {
-            continue;
-        };
-        // Two controllers must never fight over one workload.
-        let hpas = match hpa_cache.get(&w.namespace) {
-            Some(h) => h.clone(),
-            None => {
-                // If HPAs cannot be listed (e.g. RBAC), scale anyway but say so:
-                // holding every function on a missing permission would be worse.
-                let h = match s.target.hpa_targets(&w.namespace).await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(namespace = %w.namespace, error = %e, "cannot list HorizontalPodAutoscalers; not checking for conflicts");
-                        Default::default()
-                    }
-                };
-                hpa_cache.insert(w.namespace.clone(), h.clone());
-                h
+        apply(s, hpas, &key, w, current, decision).await;
+    };
+    futures::stream::iter(0..functions.len())
+        .map(one)
+        .buffer_unordered(concurrency.max(1))
+        .collect::<()>()
+        .await;
+    // Forget functions that are gone.
+    let live: std::collections::HashSet<String> =
+        catalog.functions.iter().map(Function::key).collect();
+    states
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|k, _| live.contains(k));
+    s.delivered
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|k, _| live.contains(k));
+    s.metrics
+        .poll_duration
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Records one function's decision and applies it.
+async fn apply(
+    s: &Shared,
+    hpas: &HpaCache,
+    key: &str,
+    w: &ebb_kube::Workload,
+    current: u32,
+    decision: policy::Decision,
+) {
+    let label = FnLabel {
+        function: key.to_owned(),
+    };
+    s.metrics.current.get_or_create(&label).set(current as i64);
+    s.metrics
+        .desired
+        .get_or_create(&label)
+        .set(decision.replicas.unwrap_or(current) as i64);
+    s.metrics
+        .decisions
+        .get_or_create(&ReasonLabel {
+            function: key.to_owned(),
+            reason: decision.reason.label(),
+        })
+        .inc();
+    let Some(to) = decision.replicas else {
+        return;
+    };
+    // Two controllers must never fight over one workload.
+    let cell = hpas
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(w.namespace.clone())
+        .or_default()
+        .clone();
+    let targets = cell
+        .get_or_init(|| async {
+            // If HPAs cannot be listed (e.g. RBAC), scale anyway but say so:
+            // holding every function on a missing permission would be worse.
+            match s.target.hpa_targets(&w.namespace).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(namespace = %w.namespace, error = %e, "cannot list HorizontalPodAutoscalers; not checking for conflicts");
+                    Default::default()
+                }
             }
-        };
-        let wr = workload_ref(w);
-        if hpas.contains(&(wr.kind, wr.name.clone())) {
-            s.target.warn_hpa(&wr).await;
-            continue;
+        })
+        .await;
+    let wr = workload_ref(w);
+    if targets.contains(&(wr.kind, wr.name.clone())) {
+        s.target.warn_hpa(&wr).await;
+        return;
+    }
+    let reason = decision.reason.to_string();
+    tracing::info!(function = %key, from = current, to, %reason, "scaling");
+    match s.target.set(&wr, current, to, &reason).await {
+        Ok(_) => {
+            s.metrics.patches.get_or_create(&label).inc();
         }
-        let reason = decision.reason.to_string();
-        tracing::info!(function = %key, from = current, to, %reason, "scaling");
-        match s.target.set(&wr, current, to, &reason).await {
-            Ok(_) => {
-                s.metrics.patches.get_or_create(&label).inc();
-            }
-            Err(e) => {
-                s.metrics.patch_errors.get_or_create(&label).inc();
-                tracing::warn!(function = %key, error = %e, "cannot scale");
-            }
+        Err(e) => {
+            s.metrics.patch_errors.get_or_create(&label).inc();
+            tracing::warn!(function = %key, error = %e, "cannot scale");
         }
     }
 }
@@ -521,14 +580,17 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
         crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
     });
+    let http = reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::Config(format!("http client: {e}")))?;
     let scalers = Scalers {
         nats,
         rabbitmq,
         kafka,
+        http,
+        prometheus_auth: Default::default(),
+        timeout: cfg.scaler_timeout,
     };
-    let http = reqwest::Client::builder()
-        .build()
-        .map_err(|e| Error::Config(format!("http client: {e}")))?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -588,7 +650,7 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         if leader.as_ref().is_some_and(|l| !*l.borrow()) {
             continue;
         }
-        poll(&shared, &scalers, &http, cfg.scaler_timeout, &states).await;
+        poll(&shared, &scalers, &states, cfg.max_concurrent_reads).await;
     }
     shared
         .ready

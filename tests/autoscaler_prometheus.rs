@@ -1,0 +1,156 @@
+//! `ebb autoscaler` with Prometheus scrape inputs served by a stub endpoint,
+//! against the Kubernetes API double: bounded concurrency across functions
+//! within one poll, and scrape credentials.
+
+mod autoscaler_stub;
+mod support;
+
+use std::time::Duration;
+
+use autoscaler_stub::MetricsStub;
+use support::kube_api::KubeApi;
+use support::{ChildGuard, ebb_command, free_port, within};
+
+fn autoscaler(api: &KubeApi, dir: &std::path::Path, admin: u16, extra: &[&str]) -> ChildGuard {
+    let mut cmd = ebb_command();
+    cmd.args(["autoscaler", "--kubernetes", "--no-leader-election"])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(extra)
+        .env("KUBECONFIG", api.kubeconfig(dir));
+    ChildGuard::spawn("autoscaler", &mut cmd)
+}
+
+/// A Deployment scaled by the series `queue_depth` at `url`, target 10.
+fn prometheus_function(api: &KubeApi, name: &str, url: &str, replicas: i32) {
+    api.apply_deployment(
+        "default",
+        name,
+        &[
+            ("ebb.io/prometheus-url", url),
+            ("ebb.io/prometheus-metric", "queue_depth"),
+            ("ebb.io/target", "10"),
+            ("ebb.io/max-replicas", "20"),
+        ],
+        &[],
+        replicas,
+    );
+}
+
+async fn metrics_text(admin: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// The value of the sample `name` (a full series, labels included).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Polls observed (count) and their mean duration.
+async fn polls(admin: u16) -> (f64, f64) {
+    let text = metrics_text(admin).await.unwrap_or_default();
+    let count = sample(&text, "ebb_autoscaler_poll_duration_seconds_count").unwrap_or(0.0);
+    let sum = sample(&text, "ebb_autoscaler_poll_duration_seconds_sum").unwrap_or(0.0);
+    (count, if count > 0.0 { sum / count } else { 0.0 })
+}
+
+/// Eight functions behind a scrape endpoint that takes 1 s to answer: all
+/// eight are read at once, so a poll takes about one delay (sequential
+/// reads would take eight), and each function still gets its own count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_poll_reads_every_function_at_once() {
+    const N: usize = 8;
+    let api = KubeApi::start();
+    let stub = MetricsStub::start();
+    stub.set_delay(Duration::from_secs(1));
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..N {
+        let path = format!("/metrics/f{i}");
+        // f{i} asks for i + 1 replicas.
+        stub.set_gauge(&path, "queue_depth", 10.0 * (i as f64 + 1.0));
+        prometheus_function(&api, &format!("f{i}"), &stub.url(&path), 1);
+    }
+    let admin = free_port();
+    let _a = autoscaler(
+        &api,
+        dir.path(),
+        admin,
+        &["--interval", "100ms", "--scaler-timeout", "5s"],
+    );
+    within(Duration::from_secs(20), "every function scaled", async {
+        loop {
+            let done =
+                (0..N).all(|i| api.replicas("default", &format!("f{i}")) == Some(i as i64 + 1));
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    within(Duration::from_secs(20), "two polls done", async {
+        while polls(admin).await.0 < 2.0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let (count, mean) = polls(admin).await;
+    assert!(
+        mean < 2.5,
+        "{count} polls took {mean:.2} s on average: reads are not concurrent"
+    );
+    assert_eq!(stub.max_inflight(), N, "all {N} reads at once");
+    for i in 0..N {
+        assert_eq!(
+            api.replicas("default", &format!("f{i}")),
+            Some(i as i64 + 1),
+            "f{i}"
+        );
+    }
+}
+
+/// `--max-concurrent-reads 3`: never more than three reads at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_reads_bounds_the_reads_of_a_poll() {
+    const N: usize = 8;
+    let api = KubeApi::start();
+    let stub = MetricsStub::start();
+    stub.set_delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..N {
+        let path = format!("/metrics/f{i}");
+        stub.set_gauge(&path, "queue_depth", 30.0);
+        prometheus_function(&api, &format!("f{i}"), &stub.url(&path), 1);
+    }
+    let admin = free_port();
+    let _a = autoscaler(
+        &api,
+        dir.path(),
+        admin,
+        &["--interval", "100ms", "--max-concurrent-reads", "3"],
+    );
+    within(
+        Duration::from_secs(20),
+        "every function scaled to 3",
+        async {
+            while !(0..N).all(|i| api.replicas("default", &format!("f{i}")) == Some(3)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    let max = stub.max_inflight();
+    assert!((2..=3).contains(&max), "{max} reads at once");
+    // A poll of 8 reads 3 at a time takes three rounds of 300 ms.
+    let (_, mean) = polls(admin).await;
+    assert!(
+        mean >= 0.85,
+        "a poll took {mean:.2} s: more than 3 at once?"
+    );
+}
