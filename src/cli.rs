@@ -667,6 +667,15 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
         if args.nats.is_some() || args.amqp.is_some() || args.kafka.is_some() {
             return config_error("publish", "give one of --dev, --nats, --amqp, --kafka");
         }
+        if body.len() > ebb_dev::MAX_EVENT {
+            return config_error(
+                "publish",
+                format!(
+                    "the event is {} bytes; ebb dev accepts at most 6 MiB per event",
+                    body.len()
+                ),
+            );
+        }
         return publish_dev(dev, &args.topic, headers, body).await;
     }
     let Some(url) = args.nats.clone() else {

@@ -35,6 +35,9 @@ use crate::console::Console;
 use crate::replicas::Replicas;
 use crate::stack::DevStack;
 
+/// Largest event accepted by `POST /publish`, as `ebb worker` accepts by default.
+pub const MAX_EVENT: usize = 6 << 20;
+
 /// Errors of `ebb dev`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -13,8 +13,7 @@ use axum::routing::{get, post};
 use crate::Dev;
 use crate::bus::PublishError;
 
-/// Largest event accepted, as `ebb worker` accepts by default.
-const MAX_EVENT: usize = 6 << 20;
+use crate::MAX_EVENT;
 
 /// Request headers that describe the publish request, not the event.
 const NOT_EVENT_HEADERS: [&str; 8] = [
@@ -55,9 +54,30 @@ async fn metrics(State(dev): State<Arc<Dev>>) -> Response {
 async fn publish(
     State(dev): State<Arc<Dev>>,
     Path(topic): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
+    let too_big = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the event is larger than {MAX_EVENT} bytes (6 MiB), the most ebb dev accepts\n"
+            ),
+        )
+            .into_response()
+    };
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_EVENT as u64) {
+        return too_big();
+    }
+    let body: Bytes = match axum::body::to_bytes(body, MAX_EVENT).await {
+        Ok(b) => b,
+        Err(_) => return too_big(),
+    };
     if let Err(e) = ebb_connectors::routing::validate_subject(&topic).and_then(|()| {
         if topic.contains(['*', '>']) {
             Err("a published topic cannot hold wildcards (* or >)".to_string())
