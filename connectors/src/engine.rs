@@ -162,7 +162,9 @@ impl DeadLetterSink for NoDeadLetters {
     }
 }
 
-/// Sends wake-ups to the autoscaler, at most one per function per second.
+/// Sends wake-ups to the autoscaler, at most one per function per second
+/// while its events stay held; a hold that follows a delivery is a new
+/// cold start and wakes at once ([`Waker::forget`]).
 pub struct Waker {
     url: Option<String>,
     client: reqwest::Client,
@@ -177,6 +179,14 @@ impl Waker {
             client,
             last: Mutex::new(HashMap::new()),
             metrics,
+        }
+    }
+
+    /// The function took an event since its last wake-up: the next hold
+    /// wakes it at once.
+    pub fn forget(&self, f: &FunctionSpec) {
+        if let Ok(mut last) = self.last.lock() {
+            last.remove(&format!("{}/{}", f.namespace, f.name));
         }
     }
 
@@ -264,6 +274,8 @@ pub struct Target {
     pub uri: http::Uri,
     /// Replicas picked per call, when a resolver knows them.
     endpoints: Option<Arc<dyn Endpoints>>,
+    /// A wake-up was sent since the last delivery.
+    woken: std::sync::atomic::AtomicBool,
     m: TargetMetrics,
 }
 
@@ -407,6 +419,7 @@ impl Engine {
             key,
             uri,
             endpoints,
+            woken: std::sync::atomic::AtomicBool::new(false),
             m,
         }))
     }
@@ -541,6 +554,9 @@ impl Engine {
                         tracing::warn!(function = %function, position = %event.position, error = %e, "ack failed; the event will be redelivered");
                     }
                     t.m.delivered.inc();
+                    if t.woken.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        self.waker.forget(f);
+                    }
                     return;
                 }
                 CallResult::Hold(hold) => {
@@ -552,6 +568,7 @@ impl Engine {
                         })
                         .inc();
                     if hold != Hold::Busy {
+                        t.woken.store(true, std::sync::atomic::Ordering::Relaxed);
                         self.waker.wake(f);
                     }
                     let since = *hold_since.get_or_insert_with(Instant::now);
@@ -849,3 +866,133 @@ pub fn function_url(f: &FunctionSpec) -> String {
 
 /// Shared handle to the engine.
 pub type SharedEngine = Arc<Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Endpoints the test switches on and off.
+    #[derive(Default)]
+    struct Switch {
+        uri: Mutex<Option<http::Uri>>,
+    }
+
+    impl Endpoints for Switch {
+        fn pick(&self) -> Option<http::Uri> {
+            self.uri.lock().ok()?.clone()
+        }
+    }
+
+    struct One(Arc<Switch>);
+
+    impl Resolve for One {
+        fn endpoints(&self, _: &FunctionSpec) -> Option<Arc<dyn Endpoints>> {
+            Some(self.0.clone())
+        }
+    }
+
+    async fn serve(router: axum::Router) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: "/test".into(),
+            kind: "test".into(),
+            topic: "t".into(),
+            time: chrono::Utc::now(),
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"x"),
+            position: id.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hold_after_a_delivery_wakes_at_once_and_a_long_hold_at_most_once_a_second() {
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = wakes.clone();
+        let autoscaler = serve(axum::Router::new().fallback(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+            async { axum::http::StatusCode::ACCEPTED }
+        }))
+        .await;
+        let function: http::Uri = serve(axum::Router::new().fallback(|| async { "ok" }))
+            .await
+            .parse()
+            .unwrap();
+        let switch = Arc::new(Switch::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let engine = Arc::new(
+            Engine::new(
+                EngineConfig {
+                    resolver: Some(Resolver(Arc::new(One(switch.clone())))),
+                    ..EngineConfig::default()
+                },
+                Some(autoscaler),
+                Metrics::register(&mut registry),
+                CancellationToken::new(),
+            )
+            .unwrap(),
+        );
+        let mut spec = FunctionSpec::new("f", "default");
+        spec.command = vec!["cat".into()];
+        let target = engine.target(Arc::new(spec)).unwrap();
+        let wait_wakes = |n: usize| {
+            let wakes = wakes.clone();
+            async move {
+                for _ in 0..400 {
+                    if wakes.load(Ordering::SeqCst) >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                panic!("wake-up {n} never came");
+            }
+        };
+
+        // At zero: held, woken; a replica comes up and takes it.
+        let (e, t) = (engine.clone(), target.clone());
+        let first = tokio::spawn(async move {
+            e.deliver(
+                &t,
+                &event("1"),
+                InProcess::<NoReply>::new(None),
+                &NoDeadLetters,
+            )
+            .await
+        });
+        wait_wakes(1).await;
+        *switch.uri.lock().unwrap() = Some(function.clone());
+        first.await.unwrap();
+
+        // Back at zero within the second: the next event wakes it again at once.
+        *switch.uri.lock().unwrap() = None;
+        let started = Instant::now();
+        let (e, t) = (engine.clone(), target.clone());
+        let second = tokio::spawn(async move {
+            e.deliver(
+                &t,
+                &event("2"),
+                InProcess::<NoReply>::new(None),
+                &NoDeadLetters,
+            )
+            .await
+        });
+        wait_wakes(2).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "second wake-up after {:?}",
+            started.elapsed()
+        );
+        // Still held: no new wake-up within the second.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(wakes.load(Ordering::SeqCst), 2);
+        *switch.uri.lock().unwrap() = Some(function);
+        second.await.unwrap();
+    }
+}
