@@ -209,6 +209,24 @@ async fn the_example_stack_delivers_retries_dead_letters_fires_and_scales_to_zer
     assert!(dev.child.output().contains("sleepy: woke up for \"job 2\""));
     dev.status().await;
 
+    // Prometheus metrics of the engine and of the local replicas.
+    let metrics = dev
+        .http
+        .get(format!("{}/metrics", dev.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "ebb_dev_replicas{function=\"sleepy\"} 1",
+        "ebb_deliveries_total{function=\"default/orders\",outcome=\"dead_lettered\"} 1",
+        "ebb_dead_letters_total{function=\"default/orders\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+
     // Ctrl-C: every replica drained and gone, exit 0.
     let pids = dev.pids.clone();
     assert!(pids.len() >= 6, "replicas seen: {pids:?}");
@@ -453,5 +471,99 @@ async fn bad_publishes_get_clear_answers() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no function subscribes"));
     dev.child.signal(Signal::SIGTERM);
+    assert!(dev.child.wait(Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_a_live_table_is_redrawn_in_place_with_logs_above_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        "functions:\n  - name: echo\n    command: cat\n    topics: [t]\n    min-replicas: 1\n",
+    )
+    .unwrap();
+    // `script` gives ebb dev a pseudo-terminal as stdout and stderr; ebb
+    // dev stops itself (SIGINT from `timeout`) after a few seconds.
+    let line = format!(
+        "timeout --preserve-status -s INT 4 {} dev --listen 127.0.0.1:{} {}",
+        ebb_bin().display(),
+        free_port(),
+        path.display()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("script")
+            .args(["-qfec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("ebb dev under script stops")
+    .expect("run script (util-linux)");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{screen}", out.status);
+    let header =
+        "FUNCTION             REPLICAS  BACKLOG IN-FLIGHT DELIVERED RETRIED  DEAD  LAST ERROR";
+    assert!(screen.contains(header), "{screen}");
+    // The replica comes up: the row changes from 0/1 (or 0/0) to 1/1 in place.
+    assert!(
+        screen.contains("echo                      1/1        0         0         0       0     0"),
+        "{screen}"
+    );
+    // Redrawn in place: cursor up over the two table lines, clear below.
+    assert!(screen.contains("\x1b[2A\r\x1b[J"), "{screen}");
+    // Log lines go above the table, which is drawn again after them.
+    let stopping = screen
+        .find("stopping: finishing deliveries")
+        .expect("stop logged");
+    assert!(screen[stopping..].contains(header), "{screen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_nats_source_the_real_connector_delivers_and_wakes_local_replicas() {
+    let nats = support::NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "functions:\n  - name: js\n    command: [sh, -c, 'cat >&2']\n    topics: [orders.new]\nsources:\n  nats: {}\n",
+            nats.url()
+        ),
+    )
+    .unwrap();
+    let mut dev = Dev::start(&path).await;
+    assert_eq!(n(&dev.function("js").await, "replicas"), 0);
+    // Published into JetStream through ebb dev; the consumer may still be
+    // starting, and JetStream keeps the event until it is there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = tokio::process::Command::new(ebb_bin())
+            .args(["publish", "--dev", &dev.url, "orders.new", "from nats"])
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let f = dev
+        .until(
+            "js",
+            "delivered from JetStream",
+            Duration::from_secs(30),
+            |f| n(f, "delivered") == 1,
+        )
+        .await;
+    assert_eq!(n(&f, "replicas"), 1, "woken from zero: {f}");
+    assert!(dev.child.output().contains("stderr=from nats"));
+    dev.child.signal(Signal::SIGINT);
     assert!(dev.child.wait(Duration::from_secs(60)).await.success());
 }

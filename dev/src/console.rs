@@ -76,6 +76,9 @@ impl Console {
             return;
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.drawn > 0 && st.table == table {
+            return; // unchanged: no flicker
+        }
         let mut out = std::io::stdout().lock();
         if st.drawn > 0 {
             let _ = write!(out, "\x1b[{}A\r\x1b[J", st.drawn);

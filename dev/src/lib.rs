@@ -122,6 +122,28 @@ impl Dev {
             .get()
     }
 
+    /// Sets the replica and backlog gauges to what they are now.
+    pub(crate) async fn refresh_gauges(&self) {
+        let functions = self
+            .stack
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .functions
+            .clone();
+        for f in functions.iter().filter(|f| !f.command.is_empty()) {
+            let n = self.replicas.count(&f.name).await;
+            let label = FnLabel {
+                function: f.name.clone(),
+            };
+            self.replicas_gauge.get_or_create(&label).set(i64::from(n));
+            if let Some(b) = self.bus.backlog(&f.name) {
+                self.backlog_gauge
+                    .get_or_create(&label)
+                    .set(i64::try_from(b).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     fn spec(&self, name: &str) -> Option<Arc<FunctionSpec>> {
         self.stack
             .read()

@@ -44,6 +44,7 @@ async fn status(State(dev): State<Arc<Dev>>) -> Response {
 }
 
 async fn metrics(State(dev): State<Arc<Dev>>) -> Response {
+    dev.refresh_gauges().await;
     (
         [(header::CONTENT_TYPE, ebb_runtime::METRICS_CONTENT_TYPE)],
         ebb_runtime::encode_metrics(&dev.registry),
