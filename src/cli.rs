@@ -35,10 +35,10 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 enum Command {
     /// Run a function's handler behind ebb's HTTP contract (the entry point of a function pod).
     Worker(WorkerArgs),
-    /// Consume a source and deliver its events to functions (not implemented yet).
+    /// Consume a source (NATS, cron) and deliver its events to functions.
     #[command(subcommand)]
     Connector(Box<ConnectorKind>),
-    /// Scale functions with their backlog (not implemented yet).
+    /// Scale functions in Kubernetes with their backlog.
     Autoscaler(AutoscalerArgs),
     /// Publish one event to a topic (NATS, or a running `ebb dev`).
     Publish(PublishArgs),
@@ -338,11 +338,77 @@ struct AutoscalerArgs {
     #[arg(long, env = "EBB_MAX_CONCURRENT_READS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_reads: u32,
+    /// Credentials of Prometheus and of the RabbitMQ management API.
+    #[command(flatten)]
+    credentials: Box<AutoscalerCredentials>,
     #[command(flatten)]
     lease: LeaseArgs,
     /// Poll without electing a leader (one replica only).
     #[arg(long, env = "EBB_NO_LEADER_ELECTION")]
     no_leader_election: bool,
+}
+
+/// `ebb autoscaler`'s credential flags (boxed: they are many).
+#[derive(Debug, Args)]
+struct AutoscalerCredentials {
+    /// Prometheus (scrapes and queries): `Authorization: Bearer` with this
+    /// file's contents, read again on every request.
+    #[arg(
+        long,
+        env = "EBB_PROMETHEUS_BEARER_TOKEN_FILE",
+        conflicts_with = "prometheus_user"
+    )]
+    prometheus_bearer_token_file: Option<PathBuf>,
+    /// Prometheus: basic auth user; the password is in --prometheus-password-file.
+    #[arg(
+        long,
+        env = "EBB_PROMETHEUS_USER",
+        requires = "prometheus_password_file"
+    )]
+    prometheus_user: Option<String>,
+    /// Prometheus: the basic auth password's file, read again on every request.
+    #[arg(
+        long,
+        env = "EBB_PROMETHEUS_PASSWORD_FILE",
+        requires = "prometheus_user"
+    )]
+    prometheus_password_file: Option<PathBuf>,
+    /// Prometheus over https: trust only the CA certificates of this PEM file.
+    #[arg(long, env = "EBB_PROMETHEUS_CA_FILE")]
+    prometheus_ca_file: Option<PathBuf>,
+    /// RabbitMQ management API: `Authorization: Bearer` with this file's
+    /// contents (OAuth 2 plugin) instead of the --amqp URL's user.
+    #[arg(
+        long,
+        env = "EBB_AMQP_MANAGEMENT_BEARER_TOKEN_FILE",
+        requires = "amqp_management",
+        conflicts_with = "amqp_management_user"
+    )]
+    amqp_management_bearer_token_file: Option<PathBuf>,
+    /// RabbitMQ management API: basic auth user instead of the --amqp URL's;
+    /// the password is in --amqp-management-password-file.
+    #[arg(
+        long,
+        env = "EBB_AMQP_MANAGEMENT_USER",
+        requires_all = ["amqp_management", "amqp_management_password_file"]
+    )]
+    amqp_management_user: Option<String>,
+    /// RabbitMQ management API: the basic auth password's file, read again on
+    /// every request.
+    #[arg(
+        long,
+        env = "EBB_AMQP_MANAGEMENT_PASSWORD_FILE",
+        requires = "amqp_management_user"
+    )]
+    amqp_management_password_file: Option<PathBuf>,
+    /// RabbitMQ management API over https: trust only the CA certificates of
+    /// this PEM file.
+    #[arg(
+        long,
+        env = "EBB_AMQP_MANAGEMENT_CA_FILE",
+        requires = "amqp_management"
+    )]
+    amqp_management_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -754,7 +820,10 @@ async fn run_cron(args: CronArgs) -> ExitCode {
 
 async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
     if !args.source.kubernetes {
-        return not_implemented("autoscaler --functions (local replicas; use --kubernetes)");
+        return config_error(
+            "autoscaler",
+            "--functions: local replicas are scaled by `ebb dev STACK`, which runs this policy over them; ebb autoscaler scales Kubernetes workloads (--kubernetes)",
+        );
     }
     let lease = match args.no_leader_election {
         false => match args.lease.config("ebb-autoscaler") {
@@ -786,6 +855,24 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
         }),
         scaler_timeout: args.scaler_timeout,
         max_concurrent_reads: args.max_concurrent_reads as usize,
+        prometheus_auth: ebb_autoscaler::scalers::prometheus::HttpAuth {
+            bearer_token_file: args.credentials.prometheus_bearer_token_file.clone(),
+            basic_auth: args
+                .credentials
+                .prometheus_user
+                .clone()
+                .zip(args.credentials.prometheus_password_file.clone()),
+            ca_file: args.credentials.prometheus_ca_file.clone(),
+        },
+        amqp_management_auth: ebb_autoscaler::scalers::prometheus::HttpAuth {
+            bearer_token_file: args.credentials.amqp_management_bearer_token_file.clone(),
+            basic_auth: args
+                .credentials
+                .amqp_management_user
+                .clone()
+                .zip(args.credentials.amqp_management_password_file.clone()),
+            ca_file: args.credentials.amqp_management_ca_file.clone(),
+        },
         lease,
     };
     match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {
