@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec};
 use crate::scalers::nats::NatsScaler;
+use crate::scalers::prometheus::HttpAuth;
 use crate::target::{KubeTarget, WorkloadKind, WorkloadRef};
 
 /// Settings of `ebb autoscaler`.
@@ -46,6 +47,12 @@ pub struct AutoscalerConfig {
     /// Functions whose inputs are read (and whose count is decided and
     /// applied) at the same time during one poll; at least 1.
     pub max_concurrent_reads: usize,
+    /// Credentials and CA of Prometheus endpoints and servers
+    /// (`--prometheus-*` flags).
+    pub prometheus_auth: HttpAuth,
+    /// Credentials and CA of the RabbitMQ management API, replacing those of
+    /// the AMQP URL when set (`--amqp-management-*` flags).
+    pub amqp_management_auth: HttpAuth,
     /// Leader election; `None` runs the poll loop unconditionally.
     pub lease: Option<ebb_kube::LeaseConfig>,
 }
@@ -66,7 +73,7 @@ struct Scalers {
     kafka: Option<crate::scalers::kafka::KafkaScaler>,
     /// For Prometheus scrapes and queries.
     http: reqwest::Client,
-    prometheus_auth: crate::scalers::prometheus::HttpAuth,
+    prometheus_auth: HttpAuth,
     timeout: Duration,
 }
 
@@ -537,8 +544,52 @@ async fn apply(
     }
 }
 
+/// Checks credentials given by the flags `{prefix}-bearer-token-file`,
+/// `{prefix}-user` + `{prefix}-password-file` and `{prefix}-ca-file` once at
+/// start (they are read again on every request, so a rotation needs no
+/// restart) and builds the HTTP client trusting the CA file. Errors name the
+/// flag.
+fn check_credentials(auth: &HttpAuth, prefix: &str) -> Result<reqwest::Client, Error> {
+    if auth.bearer_token_file.is_some() && auth.basic_auth.is_some() {
+        return Err(Error::Config(format!(
+            "{prefix}-bearer-token-file and {prefix}-user are exclusive"
+        )));
+    }
+    let check = |flag: &str, path: &std::path::Path| match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Err(Error::Config(format!(
+            "{prefix}-{flag} {}: the file is empty",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::Config(format!(
+            "{prefix}-{flag} {}: cannot read it: {e}",
+            path.display()
+        ))),
+    };
+    if let Some(path) = &auth.bearer_token_file {
+        check("bearer-token-file", path)?;
+    }
+    if let Some((_, path)) = &auth.basic_auth {
+        check("password-file", path)?;
+    }
+    auth.build_client().map_err(|e| {
+        let path = auth.ca_file.as_deref().unwrap_or(std::path::Path::new(""));
+        let reason = match e {
+            crate::scalers::prometheus::ScalerError::Credentials { reason, .. }
+            | crate::scalers::prometheus::ScalerError::Tls { reason, .. } => reason,
+            e => e.to_string(),
+        };
+        Error::Config(format!("{prefix}-ca-file {}: {reason}", path.display()))
+    })
+}
+
 /// Runs the autoscaler until `shutdown`.
 pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // Bad credentials are a config error before anything starts.
+    let http = check_credentials(&cfg.prometheus_auth, "--prometheus")?;
+    if let Some(RabbitSource::Management(_)) = &cfg.rabbitmq {
+        check_credentials(&cfg.amqp_management_auth, "--amqp-management")?;
+    }
     let client = ebb_kube::client()
         .await
         .map_err(|e| Error::Config(format!("--kubernetes: {e}")))?;
@@ -572,23 +623,24 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
                 .map_err(|e| Error::Config(format!("--amqp: {e}")))?,
         ),
         Some(RabbitSource::Management(m)) => Some(
-            crate::scalers::rabbitmq::RabbitMqScaler::management(m.clone(), cfg.scaler_timeout)
-                .map_err(|e| Error::Config(format!("--amqp-management: {e}")))?,
+            crate::scalers::rabbitmq::RabbitMqScaler::management_with_auth(
+                m.clone(),
+                cfg.amqp_management_auth.clone(),
+                cfg.scaler_timeout,
+            )
+            .map_err(|e| Error::Config(format!("--amqp-management: {e}")))?,
         ),
         None => None,
     };
     let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
         crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
     });
-    let http = reqwest::Client::builder()
-        .build()
-        .map_err(|e| Error::Config(format!("http client: {e}")))?;
     let scalers = Scalers {
         nats,
         rabbitmq,
         kafka,
         http,
-        prometheus_auth: Default::default(),
+        prometheus_auth: cfg.prometheus_auth.clone(),
         timeout: cfg.scaler_timeout,
     };
 

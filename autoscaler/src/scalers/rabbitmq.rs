@@ -27,6 +27,8 @@ use reqwest::{Client, StatusCode};
 use serde_json::Value as Json;
 use tokio::sync::Mutex;
 
+use crate::scalers::prometheus::HttpAuth;
+
 /// The largest management API answer read: 1 MiB (a queue object is a few KiB).
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The longest excerpt of an error body kept in an error.
@@ -40,6 +42,9 @@ pub enum RabbitMqScalerError {
     Connect { url: String, message: String },
     #[error("RabbitMQ refused the credentials or permissions: {0}")]
     Auth(String),
+    /// A token or password file cannot be read.
+    #[error("RabbitMQ management API credentials: {0}")]
+    Credentials(String),
     #[error(
         "queue {queue} not found in vhost {vhost}: is a RabbitMQ connector routing this function?"
     )]
@@ -63,6 +68,7 @@ impl RabbitMqScalerError {
         match self {
             Self::Connect { .. } => "connect",
             Self::Auth(_) => "auth",
+            Self::Credentials(_) => "credentials",
             Self::NoQueue { .. } => "missing_queue",
             Self::NoStats { .. } => "missing_stats",
             Self::Timeout(_) => "timeout",
@@ -100,6 +106,8 @@ enum Source {
     Management {
         client: Client,
         config: Management,
+        /// Replaces `config.user`/`password` when it sets a token or user.
+        auth: Option<HttpAuth>,
     },
     Amqp {
         url: String,
@@ -130,7 +138,43 @@ impl RabbitMqScaler {
             ..config
         };
         Ok(Self {
-            source: Source::Management { client, config },
+            source: Source::Management {
+                client,
+                config,
+                auth: None,
+            },
+            timeout,
+        })
+    }
+
+    /// As [`Self::management`], but authenticating with `auth` when it sets a
+    /// bearer token (RabbitMQ's OAuth 2 plugin) or basic auth (the password
+    /// file is read on every request, so a rotated secret takes effect
+    /// without a restart) instead of `config.user`/`config.password`, and
+    /// trusting only `auth.ca_file`, when set, for TLS.
+    pub fn management_with_auth(
+        config: Management,
+        auth: HttpAuth,
+        timeout: Duration,
+    ) -> Result<Self, RabbitMqScalerError> {
+        let client = auth
+            .client_builder()
+            .map_err(|e| RabbitMqScalerError::Credentials(e.to_string()))?
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| RabbitMqScalerError::Request(e.to_string()))?;
+        let config = Management {
+            url: config.url.trim_end_matches('/').to_string(),
+            ..config
+        };
+        let sets_credentials = auth.bearer_token_file.is_some() || auth.basic_auth.is_some();
+        Ok(Self {
+            source: Source::Management {
+                client,
+                config,
+                auth: sets_credentials.then_some(auth),
+            },
             timeout,
         })
     }
@@ -167,9 +211,11 @@ impl RabbitMqScaler {
     pub async fn read_queue(&self, queue: &str) -> Result<Reading, RabbitMqScalerError> {
         let read = async {
             match &self.source {
-                Source::Management { client, config } => {
-                    read_management(client, config, queue).await
-                }
+                Source::Management {
+                    client,
+                    config,
+                    auth,
+                } => read_management(client, config, auth.as_ref(), queue).await,
                 Source::Amqp {
                     url,
                     vhost,
@@ -186,6 +232,7 @@ impl RabbitMqScaler {
 async fn read_management(
     client: &Client,
     config: &Management,
+    auth: Option<&HttpAuth>,
     queue: &str,
 ) -> Result<Reading, RabbitMqScalerError> {
     let url = format!(
@@ -194,12 +241,22 @@ async fn read_management(
         encode_segment(&config.vhost),
         encode_segment(queue)
     );
-    let mut response = client
-        .get(&url)
-        .basic_auth(&config.user, Some(&config.password))
-        .send()
-        .await
-        .map_err(|e| request_error(e, config))?;
+    let request = client.get(&url);
+    let (request, user) = match auth {
+        Some(auth) => (
+            auth.apply(request)
+                .await
+                .map_err(|e| RabbitMqScalerError::Credentials(e.to_string()))?,
+            auth.basic_auth
+                .as_ref()
+                .map_or("(bearer token)", |(user, _)| user.as_str()),
+        ),
+        None => (
+            request.basic_auth(&config.user, Some(&config.password)),
+            config.user.as_str(),
+        ),
+    };
+    let mut response = request.send().await.map_err(|e| request_error(e, config))?;
     let status = response.status();
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -224,8 +281,7 @@ async fn read_management(
         }
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             return Err(RabbitMqScalerError::Auth(format!(
-                "management API answered {status} for user {}",
-                config.user
+                "management API answered {status} for user {user}"
             )));
         }
         _ => {
