@@ -14,6 +14,18 @@
 //! - an input that cannot be read holds the current count (missing data never
 //!   scales a function to zero), or after [`FALLBACK_AFTER`] unknown polls
 //!   uses `fallback-replicas` when set; `paused` freezes the count.
+//!
+//! When the autoscaler can also tell how many replicas are ready and how many
+//! messages were delivered ([`Serving`], optional), the policy measures the
+//! arrival rate (backlog change plus deliveries), what one replica serves a
+//! second and how long a new replica takes to be ready, and asks for fewer
+//! replicas than `ceil(backlog / target)` when fewer suffice: enough to keep
+//! up with arrivals and to start the backlog present now within a cold start
+//! plus the time a replica takes for [`DRAIN_TARGETS`] × `target` messages,
+//! counting replicas still starting from when they will be ready. Backlog
+//! that piles up while replicas start is then not answered with yet more
+//! replicas, which the stabilization window would keep for a whole window.
+//! It never asks for more than the backlog rule does.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -23,6 +35,14 @@ use tokio::time::Instant;
 
 /// Consecutive polls with an unknown input before `fallback-replicas` applies.
 pub const FALLBACK_AFTER: u32 = 3;
+
+/// With rates measured, the backlog present now should be started within a
+/// cold start plus the time one replica takes for this many `target`s of
+/// messages (2 s with the defaults, target 10 at 10 messages a second).
+pub const DRAIN_TARGETS: f64 = 2.0;
+
+/// With rates measured, capacity kept above the arrival rate.
+pub const HEADROOM: f64 = 0.1;
 
 /// The settings of one function that the policy needs (from its `FunctionSpec`).
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +96,19 @@ pub struct Observed {
     pub activity: bool,
 }
 
+/// What the autoscaler can tell of the replicas' serving, besides the inputs.
+/// Every part is optional: without them the policy sizes by backlog alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Serving {
+    /// Replicas ready to serve (a Deployment's `status.readyReplicas`);
+    /// `None` counts every current replica as ready.
+    pub ready: Option<u32>,
+    /// Messages handed to the function so far, a counter that only grows
+    /// (e.g. a JetStream consumer's delivered consumer sequence); it must
+    /// count what drains the inputs. `None` when unknown.
+    pub delivered: Option<u64>,
+}
+
 /// What the policy remembers of a function between polls.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyState {
@@ -84,6 +117,223 @@ pub struct PolicyState {
     /// Since when every input has been zero.
     idle_since: Option<Instant>,
     unknown_streak: u32,
+    /// The count seen at the previous decision.
+    last_current: Option<u32>,
+    rates: Rates,
+}
+
+impl PolicyState {
+    /// Measured arrivals (messages a second), if any.
+    pub fn arrivals(&self) -> Option<f64> {
+        self.rates.arrivals
+    }
+
+    /// Measured messages a second that one ready replica serves, if any.
+    pub fn per_replica(&self) -> Option<f64> {
+        self.rates.per_replica
+    }
+
+    /// Measured time from asking for a replica until it is ready, if any.
+    pub fn cold_start(&self) -> Option<Duration> {
+        self.rates.cold_start.map(Duration::from_secs_f64)
+    }
+}
+
+/// One poll as the rate estimates remember it.
+#[derive(Debug, Clone, Copy)]
+struct Poll {
+    at: Instant,
+    backlog: f64,
+    delivered: u64,
+    ready: u32,
+}
+
+/// Arrival rate, throughput per replica and cold start, measured from
+/// successive polls when [`Serving`] is known.
+#[derive(Debug, Clone, Default)]
+struct Rates {
+    last: Option<Poll>,
+    /// Arrivals a second over the last interval.
+    last_arrivals: Option<f64>,
+    /// The smaller of the last two intervals' arrival rates: one jump may
+    /// be a batch published at once, two in a row are a rate.
+    arrivals: Option<f64>,
+    per_replica: Option<f64>,
+    /// Seconds.
+    cold_start: Option<f64>,
+    /// Counts asked for and not yet seen ready, oldest first.
+    orders: VecDeque<(Instant, u32)>,
+}
+
+impl Rates {
+    /// Forgets the last poll (an input was unknown, or the count frozen):
+    /// the next interval would not be comparable.
+    fn forget(&mut self) {
+        self.last = None;
+        self.last_arrivals = None;
+        self.arrivals = None;
+    }
+
+    fn observe(&mut self, now: Instant, backlog: f64, current: u32, serving: Serving) {
+        let ready = serving.ready.unwrap_or(current);
+        // Cold start: from asking for a count until that many are ready.
+        let done = if serving.ready.is_some() {
+            let done = self.orders.iter().take_while(|&&(_, n)| ready >= n).count();
+            let took = self
+                .orders
+                .iter()
+                .take(done)
+                .map(|&(at, _)| now.duration_since(at).as_secs_f64())
+                .reduce(f64::min);
+            if let Some(took) = took {
+                self.cold_start = Some(self.cold_start.map_or(took, |c| (c + took) / 2.0));
+            }
+            done
+        } else {
+            self.orders.len()
+        };
+        match (self.last, serving.delivered) {
+            (Some(p), Some(delivered)) if delivered >= p.delivered => {
+                let dt = now.duration_since(p.at).as_secs_f64();
+                if dt > 0.0 {
+                    let served = (delivered - p.delivered) as f64;
+                    self.measure(p, dt, backlog, served, ready);
+                }
+            }
+            _ => {
+                self.last_arrivals = None;
+                self.arrivals = None;
+            }
+        }
+        self.orders.drain(..done);
+        self.last = serving.delivered.map(|delivered| Poll {
+            at: now,
+            backlog,
+            delivered,
+            ready,
+        });
+    }
+
+    /// Arrival rate and, if every ready replica had work throughout, what
+    /// one serves a second, over the `dt` seconds since poll `p`.
+    fn measure(&mut self, p: Poll, dt: f64, backlog: f64, served: f64, ready: u32) {
+        let arrived = ((backlog - p.backlog + served) / dt).max(0.0);
+        self.arrivals = Some(self.last_arrivals.map_or(arrived, |l| l.min(arrived)));
+        self.last_arrivals = Some(arrived);
+        if !(p.backlog > f64::from(p.ready) && backlog > f64::from(ready)) {
+            return;
+        }
+        // Replica-seconds of serving: those ready at `p` throughout; those
+        // ready since, from when their cold start says (half the interval
+        // when it is not known yet); those gone, half the interval.
+        let mut serving = f64::from(p.ready.min(ready)) * dt;
+        let mut counted = p.ready;
+        if let Some(cold) = self.cold_start {
+            for &(at, n) in &self.orders {
+                let n = n.min(ready);
+                if n <= counted {
+                    continue;
+                }
+                // When they became ready, in seconds after `p`.
+                let ready_at = signed_secs(p.at, at) + cold;
+                serving += f64::from(n - counted) * (dt - ready_at).clamp(0.0, dt);
+                counted = n;
+            }
+        }
+        serving += f64::from(ready.saturating_sub(counted)) * dt / 2.0;
+        serving += f64::from(p.ready.saturating_sub(ready)) * dt / 2.0;
+        // Nothing served by replicas that had work: no measure (and none
+        // to divide by).
+        if serving <= 0.0 || served <= 0.0 {
+            return;
+        }
+        let rate = served / serving;
+        self.per_replica = Some(self.per_replica.map_or(rate, |m| m + 0.3 * (rate - m)));
+    }
+
+    /// Records that the count went from `current` to `to` at `now`.
+    fn ordered(&mut self, now: Instant, current: u32, to: u32) {
+        if to > current {
+            self.orders.push_back((now, to));
+        } else if to < current {
+            self.orders.retain(|&(_, n)| n <= to);
+        }
+    }
+
+    /// The fewest replicas that keep up with arrivals and start `backlog`
+    /// within the budget, or `None` before the rates are measured.
+    fn recommend(
+        &self,
+        now: Instant,
+        backlog: f64,
+        target: f64,
+        current: u32,
+        ready: u32,
+        upper: u32,
+    ) -> Option<RateRec> {
+        let arrivals = self.arrivals?;
+        let per_replica = self.per_replica?;
+        let cold = self.cold_start.unwrap_or(0.0);
+        let budget = cold + DRAIN_TARGETS * target / per_replica;
+        let upper_f = f64::from(upper);
+        let keep_up = ceil(arrivals * (1.0 + HEADROOM) / per_replica).min(upper_f) as u32;
+        // Replicas start serving when ready: those ready now first, then
+        // those starting (from when their count was asked for; a cold start
+        // from now if it was not asked for here), then new ones a cold start
+        // from now. Take the fewest, soonest first, that start the backlog
+        // within the budget.
+        let ready = ready.min(current);
+        let mut groups = vec![(ready, 0.0)];
+        let mut counted = ready;
+        for &(at, n) in &self.orders {
+            let n = n.min(current);
+            if n > counted {
+                let left = (cold - now.duration_since(at).as_secs_f64()).max(0.0);
+                groups.push((n - counted, left));
+                counted = n;
+            }
+        }
+        groups.push((current - counted, cold));
+        groups.push((upper, cold));
+        let mut n = 0u32;
+        let mut started = 0.0;
+        for (count, offset) in groups {
+            let each = per_replica * (budget - offset).max(0.0);
+            if started >= backlog || each <= 0.0 {
+                continue;
+            }
+            let wanted = ceil((backlog - started) / each).min(f64::from(count)) as u32;
+            started += f64::from(wanted) * each;
+            n = n.saturating_add(wanted);
+        }
+        Some(RateRec {
+            replicas: n.max(keep_up).min(upper),
+            arrivals,
+            per_replica,
+        })
+    }
+}
+
+/// Rounds up, forgiving floating-point error (200 × 1.1 is 220.00000000000003).
+fn ceil(x: f64) -> f64 {
+    (x - 1e-9).ceil()
+}
+
+/// `to - from` in seconds, negative when `to` is earlier.
+fn signed_secs(from: Instant, to: Instant) -> f64 {
+    if to >= from {
+        to.duration_since(from).as_secs_f64()
+    } else {
+        -from.duration_since(to).as_secs_f64()
+    }
+}
+
+/// What the rates ask for.
+#[derive(Debug, Clone, Copy)]
+struct RateRec {
+    replicas: u32,
+    arrivals: f64,
+    per_replica: f64,
 }
 
 /// Why the policy decided what it did: logged, and a metric label.
@@ -94,6 +344,18 @@ pub enum Reason {
         input: &'static str,
         value: f64,
         target: f64,
+        replicas: u32,
+        capped: bool,
+    },
+    /// Scale to `replicas` for the measured rates, fewer than the backlog
+    /// alone would ask for.
+    Rate {
+        input: &'static str,
+        value: f64,
+        /// Messages arriving a second.
+        arrivals: f64,
+        /// Messages a second one replica serves.
+        per_replica: f64,
         replicas: u32,
         capped: bool,
     },
@@ -115,6 +377,12 @@ pub enum Reason {
     },
     /// Steady: the recommendation equals the current count.
     Steady,
+    /// More backlog, but replicas asked for still start and what one serves
+    /// is not measured yet: wait for them before asking for more.
+    Starting {
+        ready: u32,
+        replicas: u32,
+    },
     Paused,
     Unknown {
         input: &'static str,
@@ -131,11 +399,14 @@ impl Reason {
         match self {
             Reason::Work { capped: false, .. } => "work",
             Reason::Work { capped: true, .. } => "work_rate_capped",
+            Reason::Rate { capped: false, .. } => "rate",
+            Reason::Rate { capped: true, .. } => "rate_capped",
             Reason::Wake { .. } => "wake",
             Reason::Idle => "idle",
             Reason::IdleToZero { .. } => "idle_to_zero",
             Reason::Stabilizing { .. } => "stabilizing",
             Reason::Steady => "steady",
+            Reason::Starting { .. } => "starting",
             Reason::Paused => "paused",
             Reason::Unknown { .. } => "unknown",
             Reason::Fallback { .. } => "fallback",
@@ -159,6 +430,23 @@ impl fmt::Display for Reason {
                 }
                 Ok(())
             }
+            Reason::Rate {
+                input,
+                value,
+                arrivals,
+                per_replica,
+                replicas,
+                capped,
+            } => {
+                write!(
+                    f,
+                    "{input} {value}, arriving {arrivals:.1}/s, {per_replica:.1}/s a replica → {replicas}"
+                )?;
+                if *capped {
+                    write!(f, " (rate-capped)")?;
+                }
+                Ok(())
+            }
             Reason::Wake {
                 input,
                 value,
@@ -172,6 +460,9 @@ impl fmt::Display for Reason {
                 write!(f, "stabilizing (window max {window_max}) → hold")
             }
             Reason::Steady => write!(f, "steady"),
+            Reason::Starting { ready, replicas } => {
+                write!(f, "{ready} of {replicas} ready, throughput unknown → hold")
+            }
             Reason::Paused => write!(f, "paused → hold"),
             Reason::Unknown { input } => write!(f, "{input} unknown → hold"),
             Reason::Fallback { input, replicas } => {
@@ -202,13 +493,44 @@ fn set(current: u32, replicas: u32, reason: Reason) -> Decision {
     }
 }
 
-/// Decides the replica count of one function at `now`.
+/// Decides the replica count of one function at `now` from its inputs
+/// alone; [`decide_with`] when more of the replicas' serving is known.
 pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Instant) -> Decision {
+    decide_with(obs, Serving::default(), spec, st, now)
+}
+
+/// Decides the replica count of one function at `now`.
+pub fn decide_with(
+    obs: &Observed,
+    serving: Serving,
+    spec: &ScaleSpec,
+    st: &mut PolicyState,
+    now: Instant,
+) -> Decision {
+    let d = decide_inner(obs, serving, spec, st, now);
+    st.rates
+        .ordered(now, obs.current, d.replicas.unwrap_or(obs.current));
+    d
+}
+
+fn decide_inner(
+    obs: &Observed,
+    serving: Serving,
+    spec: &ScaleSpec,
+    st: &mut PolicyState,
+    now: Instant,
+) -> Decision {
     let current = obs.current;
     let upper = obs.cap.map_or(spec.max, |c| spec.max.min(c.max(1)));
     let clamp = |n: u32| n.max(spec.min).min(upper.max(spec.min));
+    // Woken since the last decision (a connector's wake-up scales 0 → 1
+    // knowing of one message): this decision finishes the wake, which is
+    // not rate-capped either.
+    let woken = st.last_current == Some(0) && current > 0;
+    st.last_current = Some(current);
 
     if spec.paused {
+        st.rates.forget();
         return hold(Reason::Paused);
     }
 
@@ -216,6 +538,7 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
     if let Some(unknown) = obs.inputs.iter().find(|i| i.value.is_none()) {
         st.unknown_streak = st.unknown_streak.saturating_add(1);
         st.idle_since = None;
+        st.rates.forget();
         if let Some(fb) = spec.fallback
             && st.unknown_streak >= FALLBACK_AFTER
         {
@@ -246,6 +569,7 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
         }
     }
     let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
+    st.rates.observe(now, value, current, serving);
     let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
     if idle {
         st.idle_since.get_or_insert(now);
@@ -278,7 +602,45 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
 
     // While replicas run, the recommendation never drops below one: only
     // the idle timer takes a function to zero.
-    let rec = clamp(want).max(1.min(upper));
+    let floor = |n: u32| clamp(n).max(1.min(upper));
+    let by_backlog = floor(want);
+    let ready = serving.ready.unwrap_or(current);
+    let by_rate = st
+        .rates
+        .recommend(now, value, target, current, ready, upper)
+        .filter(|r| floor(r.replicas) < by_backlog);
+    // Before a replica's throughput is measured, backlog that piles up
+    // while the replicas asked for still start says nothing about how many
+    // it needs: wait for them (one cold start) before asking for more.
+    let blind_starting = !woken
+        && serving.ready.is_some_and(|r| r < current)
+        && st.rates.per_replica.is_none()
+        && by_backlog > current;
+    if blind_starting {
+        st.history.push_back((now, current));
+        return hold(Reason::Starting {
+            ready: serving.ready.unwrap_or(current),
+            replicas: current,
+        });
+    }
+    let rec = by_rate.map_or(by_backlog, |r| floor(r.replicas));
+    let reason = |replicas: u32, capped: bool| match by_rate {
+        Some(r) => Reason::Rate {
+            input,
+            value,
+            arrivals: r.arrivals,
+            per_replica: r.per_replica,
+            replicas,
+            capped,
+        },
+        None => Reason::Work {
+            input,
+            value,
+            target,
+            replicas,
+            capped,
+        },
+    };
     st.history.push_back((now, rec));
     // Keep one entry from before the window: it says what was recommended
     // when the window began.
@@ -301,19 +663,13 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
     }
 
     if rec > current {
-        let cap = current.saturating_mul(2).max(current.saturating_add(4));
+        let cap = if woken {
+            u32::MAX
+        } else {
+            current.saturating_mul(2).max(current.saturating_add(4))
+        };
         let replicas = rec.min(cap);
-        return set(
-            current,
-            replicas,
-            Reason::Work {
-                input,
-                value,
-                target,
-                replicas,
-                capped: replicas < rec,
-            },
-        );
+        return set(current, replicas, reason(replicas, replicas < rec));
     }
     if rec < current {
         let window_max = st.history.iter().map(|(_, r)| *r).max().unwrap_or(rec);
@@ -322,34 +678,14 @@ pub fn decide(obs: &Observed, spec: &ScaleSpec, st: &mut PolicyState, now: Insta
             .front()
             .is_some_and(|(t, _)| now.duration_since(*t) >= spec.scale_down_window);
         if window_max < current && window_full {
-            return set(
-                current,
-                window_max,
-                Reason::Work {
-                    input,
-                    value,
-                    target,
-                    replicas: window_max,
-                    capped: false,
-                },
-            );
+            return set(current, window_max, reason(window_max, false));
         }
         return hold(Reason::Stabilizing { window_max });
     }
     // Out-of-bounds counts (a user edited the Deployment) come back in range.
     let bounded = clamp(current);
     if bounded != current {
-        return set(
-            current,
-            bounded,
-            Reason::Work {
-                input,
-                value,
-                target,
-                replicas: bounded,
-                capped: false,
-            },
-        );
+        return set(current, bounded, reason(bounded, false));
     }
     hold(Reason::Steady)
 }
@@ -610,6 +946,207 @@ mod tests {
             base + Duration::from_secs(400),
         );
         assert_eq!(d.replicas, Some(0), "{}", d.reason);
+    }
+
+    /// `(t seconds, backlog, delivered so far, ready) -> (replicas after, reason label)`.
+    type RateRow<'a> = (u64, f64, u64, u32, u32, &'a str);
+
+    /// Walks rows with [`Serving`] known, applying each decision; returns
+    /// the state for a look at the estimates.
+    fn walk_rates(spec: &ScaleSpec, start: u32, rows: &[RateRow<'_>]) -> PolicyState {
+        let base = Instant::now();
+        let mut st = PolicyState::default();
+        let mut current = start;
+        for &(t, backlog, delivered, ready, want, label) in rows {
+            let o = Observed {
+                inputs: vec![Input {
+                    name: "nats",
+                    value: Some(backlog),
+                }],
+                current,
+                cap: None,
+                activity: false,
+            };
+            let serving = Serving {
+                ready: Some(ready),
+                delivered: Some(delivered),
+            };
+            let d = decide_with(&o, serving, spec, &mut st, base + Duration::from_secs(t));
+            if let Some(n) = d.replicas {
+                current = n;
+            }
+            assert_eq!(
+                (current, d.reason.label()),
+                (want, label),
+                "t={t}s backlog {backlog} delivered {delivered} ready {ready}: {}",
+                d.reason
+            );
+        }
+        st
+    }
+
+    fn rate_spec() -> ScaleSpec {
+        ScaleSpec {
+            max: 50,
+            target: 10.0,
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn measured_rates_ask_for_fewer_replicas_than_the_backlog() {
+        // 60 messages a second arrive; a replica serves 10 a second; new
+        // replicas are ready 2 s after they are asked for.
+        let st = walk_rates(
+            &rate_spec(),
+            2,
+            &[
+                // Nothing measured yet: ceil(40 / 10) = 4.
+                (0, 40.0, 0, 2, 4, "work"),
+                // 20 served, backlog +40: 60/s arrive, 10/s a replica.
+                // Keeping up takes ceil(60 × 1.1 / 10) = 7; the backlog
+                // rule would ask for 8.
+                (1, 80.0, 20, 2, 7, "rate"),
+                // The two asked for at t=0 are ready (cold start 2 s). The
+                // backlog rule would ask for 12, then 14, and the window
+                // would keep that for a minute; 7 keep up.
+                (2, 120.0, 40, 4, 7, "steady"),
+                (3, 140.0, 80, 7, 7, "steady"),
+                (4, 130.0, 150, 7, 7, "steady"),
+                // Arrivals stop: fewer would do, but only after the window.
+                (5, 60.0, 220, 7, 7, "stabilizing"),
+                (40, 0.0, 280, 7, 7, "stabilizing"),
+                // The window since t=5 holds 2 (60 left for 7 replicas).
+                (66, 0.0, 280, 7, 2, "work"),
+            ],
+        );
+        assert_eq!(st.per_replica(), Some(10.0));
+        assert_eq!(st.cold_start(), Some(Duration::from_secs(2)));
+        assert_eq!(st.arrivals(), Some(0.0));
+    }
+
+    #[test]
+    fn a_wake_is_finished_uncapped_then_starting_replicas_are_awaited() {
+        // 200 messages a second arrive at a function at zero.
+        let st = walk_rates(
+            &rate_spec(),
+            0,
+            &[
+                // The first message wakes it (as a connector's wake-up does).
+                (0, 1.0, 0, 0, 1, "wake"),
+                // The next poll finishes the wake without the rate cap
+                // (which would allow 5): ceil(200 / 10) = 20.
+                (1, 200.0, 0, 0, 20, "work"),
+                // The backlog doubled while the 20 start, and nothing tells
+                // yet what a replica serves: wait for them, not 40.
+                (2, 400.0, 0, 1, 20, "starting"),
+                // They are ready; the one ready since t=2 served 10: 200/s
+                // arrive, 10/s a replica: ceil(200 × 1.1 / 10) = 22, not
+                // ceil(590 / 10) = 59.
+                (3, 590.0, 10, 20, 22, "rate"),
+                (4, 590.0, 210, 20, 22, "steady"),
+            ],
+        );
+        assert_eq!(st.per_replica(), Some(10.0));
+        assert_eq!(st.arrivals(), Some(200.0));
+        assert_eq!(st.cold_start(), Some(Duration::from_secs(2)));
+
+        // Without the wake, the same backlog at one replica is rate-capped.
+        walk_rates(&rate_spec(), 1, &[(1, 200.0, 0, 1, 5, "work_rate_capped")]);
+    }
+
+    #[test]
+    fn one_jump_is_not_taken_for_a_rate() {
+        // A batch of 400 lands at once on 4 ready replicas that serve 10/s.
+        let st = walk_rates(
+            &rate_spec(),
+            4,
+            &[
+                (0, 40.0, 0, 4, 4, "steady"),
+                // 40/s arrive, 10/s a replica: keeping up would take 5,
+                // more than the backlog rule's 4, which stands.
+                (1, 40.0, 40, 4, 4, "steady"),
+                // 440 arrived in one second: the smaller of the last two
+                // rates (40/s) counts, so ceil(40 × 1.1 / 10) = 5 keep up.
+                // Starting the backlog within 2 s takes the 4 ready ones
+                // and 18 new ones (their cold start not measured yet, so
+                // taken as 0): 22, not ceil(440 / 10) = 44; rate-capped to 8.
+                (2, 440.0, 80, 4, 8, "rate_capped"),
+            ],
+        );
+        assert_eq!(st.arrivals(), Some(40.0));
+    }
+
+    #[test]
+    fn rates_never_ask_for_more_than_the_backlog_rule() {
+        // A pseudo-random walk of backlogs, deliveries and ready counts.
+        let base = Instant::now();
+        let s = rate_spec();
+        let mut st = PolicyState::default();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut current, mut delivered) = (1u32, 0u64);
+        for t in 0..5_000u64 {
+            let backlog = next(600) as f64;
+            delivered += next(200);
+            let ready = next(u64::from(current) + 1) as u32;
+            let o = Observed {
+                inputs: vec![Input {
+                    name: "nats",
+                    value: Some(backlog),
+                }],
+                current,
+                cap: None,
+                activity: true,
+            };
+            let serving = Serving {
+                ready: Some(ready),
+                delivered: Some(delivered),
+            };
+            let d = decide_with(&o, serving, &s, &mut st, base + Duration::from_secs(t));
+            if let Some(n) = d.replicas {
+                let by_backlog = ((backlog / s.target).ceil() as u32).clamp(1, s.max);
+                if n > current && matches!(d.reason, Reason::Rate { .. }) {
+                    assert!(n <= by_backlog, "t={t}: {}", d.reason);
+                }
+                assert!(n <= s.max);
+                current = n;
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_input_forgets_the_rates() {
+        let base = Instant::now();
+        let s = rate_spec();
+        let mut st = PolicyState::default();
+        let serving = |delivered| Serving {
+            ready: Some(4),
+            delivered: Some(delivered),
+        };
+        for (t, backlog, delivered) in [(0, Some(50.0), 0), (1, Some(60.0), 40)] {
+            decide_with(
+                &obs(backlog, Some(0.0), 4),
+                serving(delivered),
+                &s,
+                &mut st,
+                base + Duration::from_secs(t),
+            );
+        }
+        assert_eq!(st.arrivals(), Some(50.0));
+        decide_with(
+            &obs(None, Some(0.0), 4),
+            serving(80),
+            &s,
+            &mut st,
+            base + Duration::from_secs(2),
+        );
+        assert_eq!(st.arrivals(), None);
     }
 
     #[test]

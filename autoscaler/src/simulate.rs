@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec};
+use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec, Serving};
 
 /// An arrival trace: `arrivals[t]` messages arrive during second `t`.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +106,8 @@ pub struct Sample {
     pub in_service: u32,
     /// Replicas past their cold start.
     pub ready: u32,
+    /// Messages taken into service so far (the consumer's delivered count).
+    pub delivered: u64,
     /// Queued plus in service averaged over the last second (what Knative's
     /// queue-proxy and activator report), not a point-in-time count.
     pub concurrency: f64,
@@ -165,8 +167,14 @@ impl Ebb {
             // as the connector's delivered count moving does in production.
             activity: s.concurrency > 0.0,
         };
+        // What a Deployment's status and the consumer's delivered count
+        // tell the autoscaler in production.
+        let serving = Serving {
+            ready: Some(s.ready),
+            delivered: Some(s.delivered),
+        };
         let now = self.base + Duration::from_secs(t);
-        policy::decide(&obs, &self.spec, &mut self.state, now).replicas
+        policy::decide_with(&obs, serving, &self.spec, &mut self.state, now).replicas
     }
 }
 
@@ -475,12 +483,14 @@ pub fn run(trace: &Trace, cfg: &SimConfig, scaler: &mut dyn Autoscaler) -> Outco
     for t in 0..horizon {
         let now = t as f64;
         let concurrency = if t == 0 { 0.0 } else { area[t as usize - 1] };
+        let delivered = waits.len() as u64;
         let sample = |replicas: &[Replica], queue: &VecDeque<f64>| {
             let in_service = replicas.iter().filter(|r| r.busy_until > now).count() as u32;
             Sample {
                 backlog: queue.len() as u32 + in_service,
                 in_service,
                 ready: replicas.iter().filter(|r| r.ready_at <= now).count() as u32,
+                delivered,
                 concurrency,
             }
         };
@@ -627,91 +637,221 @@ pub fn table(trace: &Trace, outcomes: &[Outcome], cfg: &SimConfig) -> String {
     s
 }
 
-/// An SVG chart of the backlog and each policy's replicas over time.
+/// Escapes text for SVG.
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// A round axis maximum at or above `v`: 1, 2 or 5 × a power of ten.
+fn nice_max(v: u32) -> u32 {
+    let mut m = 1u32;
+    loop {
+        for k in [1, 2, 5] {
+            if m.saturating_mul(k) >= v {
+                return m.saturating_mul(k);
+            }
+        }
+        if m > u32::MAX / 10 {
+            return u32::MAX;
+        }
+        m *= 10;
+    }
+}
+
+/// Chart geometry: where each panel is drawn.
+const SVG_W: f64 = 1000.0;
+const SVG_H: f64 = 570.0;
+const SVG_LEFT: f64 = 60.0;
+const SVG_RIGHT: f64 = 970.0;
+/// Top and bottom of the messages panel, then of the replicas panel.
+const SVG_MSG: (f64, f64) = (50.0, 210.0);
+const SVG_REP: (f64, f64) = (260.0, 470.0);
+/// Colours of ebb, KEDA+HPA, KPA (and any further policy).
+const SVG_COLORS: [&str; 4] = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+
+/// The x of second `t` of `len`.
+fn svg_x(t: usize, len: usize) -> f64 {
+    SVG_LEFT + (SVG_RIGHT - SVG_LEFT) * t as f64 / len.max(1) as f64
+}
+
+/// The y of `v` on a panel `(top, bottom)` whose axis ends at `max`.
+fn svg_y(v: u32, max: u32, (top, bottom): (f64, f64)) -> f64 {
+    bottom - (bottom - top) * f64::from(v) / f64::from(max.max(1))
+}
+
+/// Polyline points of a per-second series as steps: each value holds from
+/// its second to the next one (one point per change, two at each step).
+fn svg_steps(vals: &[u32], len: usize, max: u32, panel: (f64, f64)) -> String {
+    let mut p = String::new();
+    let mut prev: Option<u32> = None;
+    for (t, &v) in vals.iter().enumerate() {
+        if let Some(pv) = prev
+            && pv != v
+        {
+            let _ = write!(p, "{:.1},{:.1} ", svg_x(t, len), svg_y(pv, max, panel));
+        }
+        if prev != Some(v) {
+            let _ = write!(p, "{:.1},{:.1} ", svg_x(t, len), svg_y(v, max, panel));
+        }
+        prev = Some(v);
+    }
+    if let Some(v) = prev {
+        let _ = write!(
+            p,
+            "{:.1},{:.1}",
+            svg_x(vals.len(), len),
+            svg_y(v, max, panel)
+        );
+    }
+    p
+}
+
+/// An SVG chart of one trace: arrivals and ebb's backlog on top, each
+/// policy's replicas below, per second; hand-written, no dependencies.
 pub fn svg(trace: &Trace, outcomes: &[Outcome]) -> String {
-    const W: f64 = 1000.0;
-    const H: f64 = 360.0;
-    const PAD: f64 = 40.0;
-    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
     let len = outcomes
         .iter()
         .map(|o| o.replicas.len())
         .max()
         .unwrap_or(0)
+        .max(trace.arrivals.len())
         .max(1);
-    let max_rep = outcomes
-        .iter()
-        .flat_map(|o| o.replicas.iter().copied())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let backlog = outcomes
-        .first()
-        .map(|o| o.backlog.as_slice())
-        .unwrap_or(&[]);
-    let max_backlog = backlog.iter().copied().max().unwrap_or(0).max(1);
-    let x = |t: usize| PAD + (W - 2.0 * PAD) * t as f64 / len as f64;
-    let y = |v: f64, max: f64| H - PAD - (H - 2.0 * PAD) * v / max;
-    let points = |vals: &[u32], max: u32| {
-        let mut p = String::new();
-        let mut prev: Option<u32> = None;
-        for (t, &v) in vals.iter().enumerate() {
-            // Steps: hold the previous value until t.
-            if let Some(pv) = prev
-                && pv != v
-            {
-                let _ = write!(p, "{:.1},{:.1} ", x(t), y(f64::from(pv), f64::from(max)));
-            }
-            if prev != Some(v) || t + 1 == vals.len() {
-                let _ = write!(p, "{:.1},{:.1} ", x(t), y(f64::from(v), f64::from(max)));
-            }
-            prev = Some(v);
-        }
-        p
-    };
+    let backlog = outcomes.first().map_or(&[][..], |o| o.backlog.as_slice());
+    let msg_max = nice_max(
+        backlog
+            .iter()
+            .chain(&trace.arrivals)
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(1),
+    );
+    let rep_max = nice_max(
+        outcomes
+            .iter()
+            .flat_map(|o| o.replicas.iter().copied())
+            .max()
+            .unwrap_or(0)
+            .max(1),
+    );
     let mut s = String::new();
     let _ = writeln!(
         s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"##
-    );
-    let _ = writeln!(s, r##"<rect width="{W}" height="{H}" fill="white"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="{PAD}" y="20" font-size="14">{} — backlog (grey, left axis max {max_backlog}) and replicas (right axis max {max_rep}) over {len} s</text>"##,
-        trace.name
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}" viewBox="0 0 {SVG_W} {SVG_H}" font-family="sans-serif" font-size="12">"##
     );
     let _ = writeln!(
         s,
-        r##"<line x1="{PAD}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/>"##,
-        H - PAD,
-        W - PAD
+        r##"<rect width="{SVG_W}" height="{SVG_H}" fill="white"/>"##
     );
     let _ = writeln!(
         s,
-        r##"<polyline fill="none" stroke="#999" stroke-width="1" points="{}"/>"##,
-        points(backlog, max_backlog)
+        r##"<text x="{SVG_LEFT}" y="24" font-size="15" font-weight="bold">{}: {} s, per second</text>"##,
+        xml_escape(&trace.name),
+        trace.arrivals.len()
     );
-    for (i, o) in outcomes.iter().enumerate() {
-        let c = colors[i % colors.len()];
+    // Axes, horizontal grid lines with their values, panel titles.
+    for (panel, max, title) in [
+        (
+            SVG_MSG,
+            msg_max,
+            "messages: arrivals a second (light), backlog under ebb (dark)",
+        ),
+        (SVG_REP, rep_max, "replicas"),
+    ] {
         let _ = writeln!(
             s,
-            r##"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"##,
-            points(&o.replicas, max_rep)
+            r##"<text x="{SVG_LEFT}" y="{:.1}" fill="#333">{title}</text>"##,
+            panel.0 - 8.0
+        );
+        for v in [0, max / 2, max] {
+            let y = svg_y(v, max, panel);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{SVG_LEFT}" y1="{y:.1}" x2="{SVG_RIGHT}" y2="{y:.1}" stroke="{}"/>"##,
+                if v == 0 { "#000" } else { "#ddd" }
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{v}</text>"##,
+                SVG_LEFT - 6.0,
+                y + 4.0
+            );
+        }
+    }
+    // Time ticks under the replicas panel, every round number of minutes.
+    let minutes = len as f64 / 60.0;
+    let step = [1usize, 2, 5, 10, 15, 30, 60, 120, 240]
+        .into_iter()
+        .find(|&m| minutes / m as f64 <= 12.0)
+        .unwrap_or(480);
+    let mut m = 0;
+    while m * 60 <= len {
+        let x = svg_x(m * 60, len);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#000"/>"##,
+            SVG_REP.1,
+            SVG_REP.1 + 5.0
         );
         let _ = writeln!(
             s,
-            r##"<text x="{}" y="{}" fill="{c}">{}</text>"##,
-            PAD + 10.0 + 110.0 * i as f64,
-            H - 12.0,
-            o.policy
+            r##"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{m} min</text>"##,
+            SVG_REP.1 + 18.0
         );
+        m += step;
     }
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="{}" fill="#999">backlog</text>"##,
-        PAD + 10.0 + 110.0 * outcomes.len() as f64,
-        H - 12.0
+        r##"<polyline class="arrivals" fill="none" stroke="#bbb" stroke-width="1" points="{}"/>"##,
+        svg_steps(&trace.arrivals, len, msg_max, SVG_MSG)
     );
+    let _ = writeln!(
+        s,
+        r##"<polyline class="backlog" fill="none" stroke="#444" stroke-width="1.2" points="{}"/>"##,
+        svg_steps(backlog, len, msg_max, SVG_MSG)
+    );
+    // The first policy (ebb) drawn last, on top.
+    for (i, o) in outcomes.iter().enumerate().rev() {
+        let _ = writeln!(
+            s,
+            r##"<polyline class="policy" data-policy="{}" fill="none" stroke="{}" stroke-width="{}" stroke-opacity="0.85" points="{}"/>"##,
+            xml_escape(o.policy),
+            SVG_COLORS[i % SVG_COLORS.len()],
+            if i == 0 { 2.0 } else { 1.4 },
+            svg_steps(&o.replicas, len, rep_max, SVG_REP)
+        );
+    }
+    for (i, o) in outcomes.iter().enumerate() {
+        let c = SVG_COLORS[i % SVG_COLORS.len()];
+        let y = SVG_REP.1 + 40.0 + 16.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{SVG_LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{c}" stroke-width="3"/>"##,
+            y - 4.0,
+            SVG_LEFT + 24.0,
+            y - 4.0
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{y:.1}">{}: {:.0} replica-s, wait p99 {:.2} s, max {:.2} s, {} direction changes</text>"##,
+            SVG_LEFT + 32.0,
+            xml_escape(o.policy),
+            o.replica_seconds,
+            o.wait_p99,
+            o.wait_max,
+            o.direction_changes
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -798,6 +938,7 @@ mod tests {
             backlog,
             in_service: 0,
             ready: 0,
+            delivered: 0,
             concurrency: 0.0,
         };
         // KEDA activates at its poll; the HPA then steps +4 / ×2 per 15 s.
@@ -901,17 +1042,114 @@ mod tests {
         assert_eq!(o.unserved, 0);
     }
 
+    /// Checks that every tag of `xml` closes in order, attributes are
+    /// quoted and text has no bare `<` or `&`.
+    fn assert_well_formed(xml: &str) {
+        let mut open: Vec<&str> = Vec::new();
+        let mut rest = xml;
+        while let Some(i) = rest.find('<') {
+            let text = &rest[..i];
+            for (j, _) in text.match_indices('&') {
+                let entity = &text[j..];
+                assert!(
+                    ["&amp;", "&lt;", "&gt;", "&quot;"]
+                        .iter()
+                        .any(|e| entity.starts_with(e)),
+                    "bare & in {text:?}"
+                );
+            }
+            let end = rest[i..].find('>').expect("tag closes") + i;
+            let tag = &rest[i + 1..end];
+            assert!(!tag.contains('<'), "< inside a tag: {tag}");
+            assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes: {tag}");
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(open.pop(), Some(name), "</{name}> closes the wrong tag");
+            } else if !tag.ends_with('/') {
+                open.push(tag.split_whitespace().next().expect("tag name"));
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(open.is_empty(), "never closed: {open:?}");
+        assert!(rest.trim().is_empty());
+    }
+
+    /// The value of attribute `name` in a tag.
+    fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+        let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+        let len = tag[start..].find('"')?;
+        Some(&tag[start..start + len])
+    }
+
     #[test]
     fn simulate_svg_is_well_formed() {
         let cfg = SimConfig {
-            tail: 10,
+            tail: 120,
             ..SimConfig::default()
         };
-        let tr = trace(vec![5, 10, 0, 20]);
+        let mut arrivals = vec![0; 5];
+        arrivals.extend([40; 20]);
+        arrivals.extend([0; 10]);
+        arrivals.extend([200; 3]);
+        let tr = Trace {
+            name: "a <b> & c".into(),
+            arrivals,
+        };
         let out = compare(&tr, &cfg);
         let s = svg(&tr, &out);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
-        assert_eq!(s.matches("<polyline").count(), 4);
+        assert_well_formed(&s);
+        assert!(s.contains("a &lt;b&gt; &amp; c"));
+        let polylines: Vec<&str> = s
+            .split("<polyline")
+            .skip(1)
+            .map(|p| &p[..p.find("/>").expect("polyline closes")])
+            .collect();
+        // Arrivals, backlog, and one per policy.
+        assert_eq!(polylines.len(), 2 + out.len());
+        let len = out[0].replicas.len();
+        assert_eq!(len, tr.arrivals.len() + 120);
+        let rep_max = nice_max(out.iter().flat_map(|o| o.replicas.clone()).max().unwrap());
+        for o in &out {
+            let tag = polylines
+                .iter()
+                .find(|p| attr(p, "data-policy") == Some(o.policy))
+                .unwrap_or_else(|| panic!("no polyline for {}", o.policy));
+            let points: Vec<(f64, f64)> = attr(tag, "points")
+                .unwrap()
+                .split_whitespace()
+                .map(|p| {
+                    let (x, y) = p.split_once(',').unwrap();
+                    (x.parse().unwrap(), y.parse().unwrap())
+                })
+                .collect();
+            // The steps span the whole run, and read back as the series:
+            // at each second, the last point at or before it.
+            assert_eq!(points.first().map(|p| p.0), Some(svg_x(0, len)));
+            let last_x = points.last().unwrap().0;
+            assert!((last_x - svg_x(len, len)).abs() < 0.06, "ends at {last_x}");
+            for (t, &want) in o.replicas.iter().enumerate() {
+                let x = svg_x(t, len);
+                let &(_, y) = points.iter().rev().find(|p| p.0 <= x + 0.06).unwrap();
+                let (top, bottom) = SVG_REP;
+                let v = (bottom - y) / (bottom - top) * f64::from(rep_max);
+                assert!(
+                    (v - f64::from(want)).abs() < 0.5,
+                    "{} at t={t}: chart {v:.2}, series {want}",
+                    o.policy
+                );
+            }
+        }
         assert!(table(&tr, &out, &cfg).contains("keda+hpa"));
+    }
+
+    #[test]
+    fn simulate_svg_axis_maxima_are_round() {
+        assert_eq!(nice_max(0), 1);
+        assert_eq!(nice_max(1), 1);
+        assert_eq!(nice_max(3), 5);
+        assert_eq!(nice_max(43), 50);
+        assert_eq!(nice_max(400), 500);
+        assert_eq!(nice_max(501), 1000);
+        assert_eq!(nice_max(u32::MAX), u32::MAX);
     }
 }
