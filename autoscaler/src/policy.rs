@@ -609,10 +609,13 @@ fn decide_inner(
         .rates
         .recommend(now, value, target, current, ready, upper)
         .filter(|r| floor(r.replicas) < by_backlog);
-    // Before a replica's throughput is measured, backlog that piles up
-    // while the replicas asked for still start says nothing about how many
-    // it needs: wait for them (one cold start) before asking for more.
+    // Before a replica's throughput is measured (which takes deliveries),
+    // backlog that piles up while the replicas asked for still start says
+    // nothing about how many it needs: wait for them (one cold start)
+    // before asking for more. Without deliveries it would never be
+    // measured, so there every step goes by the backlog.
     let blind_starting = !woken
+        && serving.delivered.is_some()
         && serving.ready.is_some_and(|r| r < current)
         && st.rates.per_replica.is_none()
         && by_backlog > current;
@@ -1053,6 +1056,31 @@ mod tests {
 
         // Without the wake, the same backlog at one replica is rate-capped.
         walk_rates(&rate_spec(), 1, &[(1, 200.0, 0, 1, 5, "work_rate_capped")]);
+    }
+
+    #[test]
+    fn without_deliveries_starting_replicas_do_not_hold_the_backlog_rule() {
+        // Ready replicas known, deliveries not: nothing is ever measured,
+        // so each step goes by the backlog, rate-capped as before.
+        let base = Instant::now();
+        let s = rate_spec();
+        let mut st = PolicyState::default();
+        let mut current = 1;
+        for (t, backlog, want) in [(0, 200.0, 5), (1, 400.0, 10), (2, 600.0, 20)] {
+            let d = decide_with(
+                &obs(Some(backlog), Some(0.0), current),
+                Serving {
+                    ready: Some(0),
+                    delivered: None,
+                },
+                &s,
+                &mut st,
+                base + Duration::from_secs(t),
+            );
+            current = d.replicas.unwrap_or(current);
+            assert_eq!(current, want, "t={t}: {}", d.reason);
+        }
+        assert_eq!(st.per_replica(), None);
     }
 
     #[test]
