@@ -167,8 +167,8 @@ impl Ebb {
             // as the connector's delivered count moving does in production.
             activity: s.concurrency > 0.0,
         };
-        // What a Deployment's status and the consumer's delivered count
-        // tell the autoscaler in production.
+        // What a Deployment's status (ready replicas) and the consumer's
+        // delivered count can tell the autoscaler.
         let serving = Serving {
             ready: Some(s.ready),
             delivered: Some(s.delivered),
