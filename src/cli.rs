@@ -338,6 +338,14 @@ struct AutoscalerArgs {
     #[arg(long, env = "EBB_MAX_CONCURRENT_READS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_reads: u32,
+    /// Read the workers' in-flight calls (`ebb_worker_inflight` on GET
+    /// /metrics, summed over a function's ready pods) as one more input.
+    /// Needs RBAC `list` on pods and `get` on deployments and statefulsets.
+    #[arg(long, env = "EBB_WORKER_INFLIGHT")]
+    worker_inflight: bool,
+    /// The workers' port, for pods without a container port named `http`.
+    #[arg(long, env = "EBB_WORKER_PORT", default_value_t = 8080)]
+    worker_port: u16,
     /// Credentials of Prometheus and of the RabbitMQ management API.
     #[command(flatten)]
     credentials: Box<AutoscalerCredentials>,
@@ -873,6 +881,7 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
                 .zip(args.credentials.amqp_management_password_file.clone()),
             ca_file: args.credentials.amqp_management_ca_file.clone(),
         },
+        worker_inflight: args.worker_inflight.then_some(args.worker_port),
         lease,
     };
     match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {

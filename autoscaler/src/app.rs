@@ -53,6 +53,10 @@ pub struct AutoscalerConfig {
     /// Credentials and CA of the RabbitMQ management API, replacing those of
     /// the AMQP URL when set (`--amqp-management-*` flags).
     pub amqp_management_auth: HttpAuth,
+    /// Read the workers' in-flight calls (`ebb_worker_inflight` summed over
+    /// the ready pods) as an input, scraping this port of pods without a
+    /// container port named `http`; `None` does not read them.
+    pub worker_inflight: Option<u16>,
     /// Leader election; `None` runs the poll loop unconditionally.
     pub lease: Option<ebb_kube::LeaseConfig>,
 }
@@ -71,6 +75,7 @@ struct Scalers {
     nats: Option<NatsScaler>,
     rabbitmq: Option<crate::scalers::rabbitmq::RabbitMqScaler>,
     kafka: Option<crate::scalers::kafka::KafkaScaler>,
+    inflight: Option<crate::scalers::inflight::InflightScaler>,
     /// For Prometheus scrapes and queries.
     http: reqwest::Client,
     prometheus_auth: HttpAuth,
@@ -276,6 +281,7 @@ async fn wake(
 /// polls means work was done even when nothing is pending now.
 async fn observe(
     f: &Function,
+    w: &ebb_kube::Workload,
     scalers: &Scalers,
     metrics: &Metrics,
 ) -> (Vec<Input>, Option<u64>, Option<u32>) {
@@ -383,6 +389,23 @@ async fn observe(
             value,
         });
     }
+    // In-flight calls count for functions scaled by some other input (a
+    // function with none, e.g. cron only, is not autoscaled).
+    if let Some(scaler) = &scalers.inflight
+        && !inputs.is_empty()
+    {
+        let value = match scaler.read(w).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                error("inflight", e.metric_label(), &e);
+                None
+            }
+        };
+        inputs.push(Input {
+            name: "inflight",
+            value,
+        });
+    }
     for i in &inputs {
         if let Some(v) = i.value {
             metrics
@@ -427,7 +450,7 @@ async fn poll(
         let Some(w) = workloads.get(&key) else {
             return;
         };
-        let (inputs, delivered, cap) = observe(f, scalers, &s.metrics).await;
+        let (inputs, delivered, cap) = observe(f, w, scalers, &s.metrics).await;
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
             match delivered {
@@ -474,6 +497,13 @@ async fn poll(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|k, _| live.contains(k));
+    if let Some(inflight) = &scalers.inflight {
+        inflight.retain(|kind, namespace, name| {
+            workloads
+                .get(&format!("{namespace}/{name}"))
+                .is_some_and(|w| w.kind == kind)
+        });
+    }
     s.metrics
         .poll_duration
         .observe(started.elapsed().as_secs_f64());
@@ -635,10 +665,18 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
         crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
     });
+    let inflight = match cfg.worker_inflight {
+        Some(port) => Some(
+            crate::scalers::inflight::InflightScaler::new(client.clone(), port, cfg.scaler_timeout)
+                .map_err(|e| Error::Config(format!("--worker-inflight: {e}")))?,
+        ),
+        None => None,
+    };
     let scalers = Scalers {
         nats,
         rabbitmq,
         kafka,
+        inflight,
         http,
         prometheus_auth: cfg.prometheus_auth.clone(),
         timeout: cfg.scaler_timeout,

@@ -21,6 +21,7 @@
 //! | Leases | `/apis/coordination.k8s.io/v1[/namespaces/NS]/leases[/NAME]` | as above |
 //! | Events | `/api/v1[/namespaces/NS]/events`, `/apis/events.k8s.io/v1[/namespaces/NS]/events` | as above |
 //! | HorizontalPodAutoscalers | `/apis/autoscaling/v2[/namespaces/NS]/horizontalpodautoscalers[/NAME]` | as above (no controller: stored only; create one with [`KubeApi::put_object`]) |
+//! | Pods | `/api/v1[/namespaces/NS]/pods[/NAME]` | as above (no controller: stored only; create one with [`KubeApi::apply_pod`]) |
 //! | version | `/version` | get |
 //!
 //! Semantics it keeps: one global, monotonically increasing
@@ -41,7 +42,8 @@
 //! Not modelled: pagination (`limit` is ignored: one page), JSON patch (415),
 //! server-side apply (treated as a merge patch that may create), label
 //! selector changes turning `MODIFIED` into `ADDED`/`DELETED`, admission,
-//! RBAC, controllers (no pods: `readyReplicas` moves only by
+//! RBAC, controllers (Pods are only stored, never created for a workload:
+//! `readyReplicas` moves only by
 //! [`KubeApi::set_ready_replicas`] or [`KubeApi::auto_ready`]).
 //!
 //! The server runs on its own thread and runtime, so it serves while a test
@@ -445,6 +447,55 @@ impl KubeApi {
         self.inner.lock().auto_ready = delay;
     }
 
+    /// Creates or replaces the Pod `namespace/name` with these labels,
+    /// `status.podIP` `ip` (none when `None`), a condition `Ready` that is
+    /// `ready`, and one container whose ports are `ports` (`(name, port)`).
+    /// Nothing runs it: the test serves its address.
+    pub fn apply_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ip: Option<&str>,
+        ports: &[(&str, u16)],
+        ready: bool,
+    ) -> Value {
+        let labels: Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(port_name, port)| {
+                json!({"name": port_name, "containerPort": port, "protocol": "TCP"})
+            })
+            .collect();
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"containers": [
+                {"name": "function", "image": "example.org/fn:1", "ports": ports}
+            ]},
+            "status": {
+                "phase": "Running",
+                "conditions": [
+                    {"type": "Ready", "status": if ready { "True" } else { "False" }}
+                ],
+            },
+        });
+        if let Some(ip) = ip {
+            pod["status"]["podIP"] = json!(ip);
+        }
+        self.put_object(pod)
+    }
+
+    /// Deletes the Pod `namespace/name`; false when there was none.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        let mut state = self.inner.lock();
+        state.delete(&self.inner, Res::Pod, namespace, name).is_ok()
+    }
+
     /// `spec.replicas` of the Deployment `namespace/name`.
     pub fn replicas(&self, namespace: &str, name: &str) -> Option<i64> {
         self.deployment(namespace, name)?["spec"]["replicas"].as_i64()
@@ -622,23 +673,25 @@ enum Res {
     CoreEvent,
     Event,
     Hpa,
+    Pod,
 }
 
 impl Res {
-    const ALL: [Res; 6] = [
+    const ALL: [Res; 7] = [
         Res::Deployment,
         Res::StatefulSet,
         Res::Lease,
         Res::CoreEvent,
         Res::Event,
         Res::Hpa,
+        Res::Pod,
     ];
 
     fn api_version(self) -> &'static str {
         match self {
             Res::Deployment | Res::StatefulSet => "apps/v1",
             Res::Lease => "coordination.k8s.io/v1",
-            Res::CoreEvent => "v1",
+            Res::CoreEvent | Res::Pod => "v1",
             Res::Event => "events.k8s.io/v1",
             Res::Hpa => "autoscaling/v2",
         }
@@ -658,6 +711,7 @@ impl Res {
             Res::Lease => "leases",
             Res::CoreEvent | Res::Event => "events",
             Res::Hpa => "horizontalpodautoscalers",
+            Res::Pod => "pods",
         }
     }
 
@@ -668,6 +722,7 @@ impl Res {
             Res::Lease => "Lease",
             Res::CoreEvent | Res::Event => "Event",
             Res::Hpa => "HorizontalPodAutoscaler",
+            Res::Pod => "Pod",
         }
     }
 

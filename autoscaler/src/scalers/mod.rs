@@ -1,3 +1,4 @@
+pub mod inflight;
 pub mod kafka;
 pub mod nats;
 pub mod prometheus;
