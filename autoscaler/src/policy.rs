@@ -365,6 +365,10 @@ pub enum Reason {
         value: f64,
         replicas: u32,
     },
+    /// At zero with `min-replicas` above zero and no work: up to the minimum.
+    Minimum {
+        replicas: u32,
+    },
     /// Idle at zero, or work at most `activation`.
     Idle,
     /// Idle for `scale-to-zero-after`.
@@ -402,6 +406,7 @@ impl Reason {
             Reason::Rate { capped: false, .. } => "rate",
             Reason::Rate { capped: true, .. } => "rate_capped",
             Reason::Wake { .. } => "wake",
+            Reason::Minimum { .. } => "min_replicas",
             Reason::Idle => "idle",
             Reason::IdleToZero { .. } => "idle_to_zero",
             Reason::Stabilizing { .. } => "stabilizing",
@@ -452,6 +457,7 @@ impl fmt::Display for Reason {
                 value,
                 replicas,
             } => write!(f, "work at zero ({input} {value}) → {replicas}"),
+            Reason::Minimum { replicas } => write!(f, "min-replicas → {replicas}"),
             Reason::Idle => write!(f, "idle"),
             Reason::IdleToZero { after } => {
                 write!(f, "idle {} → 0", humantime::format_duration(*after))
@@ -584,18 +590,20 @@ fn decide_inner(
             .iter()
             .map(|i| i.value.unwrap_or(0.0))
             .fold(0.0, f64::max);
-        if max_value > spec.activation.max(0.0) || spec.min > 0 {
+        let work = max_value > spec.activation.max(0.0);
+        if work || spec.min > 0 {
             let replicas = clamp(want.max(1));
             st.history.push_back((now, replicas));
-            return set(
-                current,
-                replicas,
+            let reason = if work {
                 Reason::Wake {
                     input,
                     value,
                     replicas,
-                },
-            );
+                }
+            } else {
+                Reason::Minimum { replicas }
+            };
+            return set(current, replicas, reason);
         }
         return hold(Reason::Idle);
     }
@@ -775,6 +783,22 @@ mod tests {
                 (63, Some(0.0), Some(0.0), 0, "idle"),
             ],
         );
+    }
+
+    #[test]
+    fn a_minimum_above_zero_starts_replicas_without_work_and_says_so() {
+        let s = ScaleSpec { min: 2, ..spec() };
+        walk(
+            &s,
+            0,
+            &[
+                (0, Some(0.0), Some(0.0), 2, "min_replicas"),
+                (1, Some(0.0), Some(0.0), 2, "steady"),
+            ],
+        );
+        let mut st = PolicyState::default();
+        let d = decide(&obs(Some(0.0), Some(0.0), 0), &s, &mut st, Instant::now());
+        assert_eq!(d.reason.to_string(), "min-replicas → 2");
     }
 
     #[test]

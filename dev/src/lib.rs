@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ebb_autoscaler::policy::{self, Input, Observed, PolicyState, ScaleSpec};
+use ebb_autoscaler::policy::{self, Input, Observed, PolicyState, ScaleSpec, Serving};
 use ebb_connectors::engine::{Engine, EngineConfig, Resolver};
 use ebb_connectors::metrics::{FunctionLabels, Metrics, OutcomeLabels};
 use ebb_model::{Catalog, FunctionSpec};
@@ -367,7 +367,11 @@ async fn scale_loop(
                 .insert(f.name.clone(), done)
                 .is_some_and(|before| before != done);
             let current = dev.replicas.count(&f.name).await;
-            let decision = policy::decide(
+            let ready = dev
+                .replicas
+                .endpoints_of(&f.name, f.max_inflight)
+                .ready_count();
+            let decision = policy::decide_with(
                 &Observed {
                     inputs: vec![Input {
                         name: "backlog",
@@ -376,6 +380,12 @@ async fn scale_loop(
                     current,
                     cap: None,
                     activity,
+                },
+                // Events finished (delivered or given up) drain the backlog:
+                // with ready replicas they let the policy size by rate.
+                Serving {
+                    ready: Some(u32::try_from(ready).unwrap_or(u32::MAX)),
+                    delivered: Some(done),
                 },
                 &ScaleSpec::from_function(f),
                 states.entry(f.name.clone()).or_default(),
