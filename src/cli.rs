@@ -346,6 +346,11 @@ struct AutoscalerArgs {
     /// The workers' port, for pods without a container port named `http`.
     #[arg(long, env = "EBB_WORKER_PORT", default_value_t = 8080)]
     worker_port: u16,
+    /// How long a cold start (0 → N) is followed until its first replica is
+    /// ready (ebb_autoscaler_wake_to_ready_seconds); past it, it counts as a
+    /// timeout.
+    #[arg(long, env = "EBB_COLD_START_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    cold_start_timeout: Duration,
     /// Credentials of Prometheus and of the RabbitMQ management API.
     #[command(flatten)]
     credentials: Box<AutoscalerCredentials>,
@@ -882,6 +887,7 @@ async fn run_autoscaler(args: AutoscalerArgs) -> ExitCode {
             ca_file: args.credentials.amqp_management_ca_file.clone(),
         },
         worker_inflight: args.worker_inflight.then_some(args.worker_port),
+        cold_start_timeout: args.cold_start_timeout,
         lease,
     };
     match ebb_autoscaler::app::run(cfg, ebb_runtime::shutdown_signal()).await {

@@ -57,6 +57,9 @@ pub struct AutoscalerConfig {
     /// the ready pods) as an input, scraping this port of pods without a
     /// container port named `http`; `None` does not read them.
     pub worker_inflight: Option<u16>,
+    /// How long a cold start (0 → N) is followed until the first replica is
+    /// ready, for `ebb_autoscaler_wake_to_ready_seconds`.
+    pub cold_start_timeout: Duration,
     /// Leader election; `None` runs the poll loop unconditionally.
     pub lease: Option<ebb_kube::LeaseConfig>,
 }
@@ -100,6 +103,20 @@ struct ScalerLabel {
     error: &'static str,
 }
 
+/// What started a cold start: `wakeup` (`POST /wake/…`) or `poll` (the
+/// poll loop saw work at zero).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: &'static str,
+}
+
+type ColdStartHistograms = Family<TriggerLabel, Histogram, fn() -> Histogram>;
+
+fn cold_start_histogram() -> Histogram {
+    // 50 ms … ~7 min.
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InputLabel {
     function: String,
@@ -120,6 +137,13 @@ struct Metrics {
     wake_to_patch: Histogram,
     /// One poll over every function.
     poll_duration: Histogram,
+    /// Cold starts: work seen (a wake-up received, or a poll) → first
+    /// replica ready.
+    wake_to_ready: ColdStartHistograms,
+    /// Cold starts: scale patched → first replica ready.
+    patch_to_ready: ColdStartHistograms,
+    /// Cold starts with no ready replica within `--cold-start-timeout`.
+    cold_start_timeouts: Family<TriggerLabel, Counter>,
 }
 
 impl Metrics {
@@ -135,6 +159,9 @@ impl Metrics {
             wakeups: Family::default(),
             wake_to_patch: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            wake_to_ready: Family::new_with_constructor(cold_start_histogram),
+            patch_to_ready: Family::new_with_constructor(cold_start_histogram),
+            cold_start_timeouts: Family::default(),
         };
         r.register(
             "ebb_autoscaler_desired_replicas",
@@ -186,6 +213,21 @@ impl Metrics {
             "One poll: every function's inputs read, its count decided and applied",
             m.poll_duration.clone(),
         );
+        r.register(
+            "ebb_autoscaler_wake_to_ready_seconds",
+            "Cold starts (0 → N): from work seen (a wake-up received, or the poll) to the first replica ready",
+            m.wake_to_ready.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_patch_to_ready_seconds",
+            "Cold starts (0 → N): from the scale patched to the first replica ready",
+            m.patch_to_ready.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_cold_start_timeouts",
+            "Cold starts with no replica ready within --cold-start-timeout",
+            m.cold_start_timeouts.clone(),
+        );
         m
     }
 }
@@ -199,6 +241,55 @@ struct Shared {
     ready: std::sync::atomic::AtomicBool,
     /// Last delivered stream sequence per function.
     delivered: Mutex<HashMap<String, u64>>,
+    cold_start_timeout: Duration,
+}
+
+/// Follows a cold start of `key` (patched 0 → N at `patched`, for work seen
+/// at `seen`) until the workload reports a ready replica, then records how
+/// long each part took; gives up after `--cold-start-timeout`.
+fn time_cold_start(
+    s: &Shared,
+    key: String,
+    trigger: &'static str,
+    seen: Instant,
+    patched: Instant,
+) {
+    let mut workloads = s.workloads.clone();
+    let metrics = s.metrics.clone();
+    let limit = s.cold_start_timeout;
+    tokio::spawn(async move {
+        // Ready once the snapshot is one after the patch (replicas > 0), so a
+        // stale status from before the scale to zero does not count.
+        let ready = tokio::time::timeout(
+            limit,
+            workloads.wait_for(|ws| {
+                ws.get(&key)
+                    .is_some_and(|w| w.replicas.unwrap_or(1) > 0 && w.ready_replicas > 0)
+            }),
+        )
+        .await
+        .map(|r| r.is_ok());
+        let label = TriggerLabel { trigger };
+        match ready {
+            Ok(true) => {
+                let (total, kube) = (seen.elapsed(), patched.elapsed());
+                metrics
+                    .wake_to_ready
+                    .get_or_create(&label)
+                    .observe(total.as_secs_f64());
+                metrics
+                    .patch_to_ready
+                    .get_or_create(&label)
+                    .observe(kube.as_secs_f64());
+                tracing::info!(function = %key, trigger, ?total, patch_to_ready = ?kube, "cold start: first replica ready");
+            }
+            Ok(false) => {} // discovery stopped: shutting down
+            Err(_) => {
+                metrics.cold_start_timeouts.get_or_create(&label).inc();
+                tracing::warn!(function = %key, trigger, ?limit, "cold start: no replica ready in time");
+            }
+        }
+    });
 }
 
 fn workload_ref(w: &ebb_kube::Workload) -> WorkloadRef {
@@ -266,6 +357,9 @@ async fn wake(
             s.metrics
                 .wake_to_patch
                 .observe(started.elapsed().as_secs_f64());
+            if let crate::target::WakeOutcome::Woken { .. } = outcome {
+                time_cold_start(&s, key.clone(), "wakeup", started, Instant::now());
+            }
             tracing::info!(function = %key, ?outcome, "wake-up");
             (StatusCode::ACCEPTED, format!("{outcome:?}\n"))
         }
@@ -450,6 +544,7 @@ async fn poll(
         let Some(w) = workloads.get(&key) else {
             return;
         };
+        let seen = Instant::now();
         let (inputs, delivered, cap) = observe(f, w, scalers, &s.metrics).await;
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,7 +574,7 @@ async fn poll(
                 now,
             )
         };
-        apply(s, hpas, &key, w, current, decision).await;
+        apply(s, hpas, &key, w, current, decision, seen).await;
     };
     futures::stream::iter(0..functions.len())
         .map(one)
@@ -517,6 +612,7 @@ async fn apply(
     w: &ebb_kube::Workload,
     current: u32,
     decision: policy::Decision,
+    seen: Instant,
 ) {
     let label = FnLabel {
         function: key.to_owned(),
@@ -564,8 +660,11 @@ async fn apply(
     let reason = decision.reason.to_string();
     tracing::info!(function = %key, from = current, to, %reason, "scaling");
     match s.target.set(&wr, current, to, &reason).await {
-        Ok(_) => {
+        Ok(outcome) => {
             s.metrics.patches.get_or_create(&label).inc();
+            if let crate::target::SetOutcome::Scaled { from: 0, .. } = outcome {
+                time_cold_start(s, key.to_owned(), "poll", seen, Instant::now());
+            }
         }
         Err(e) => {
             s.metrics.patch_errors.get_or_create(&label).inc();
@@ -692,6 +791,7 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         registry,
         ready: std::sync::atomic::AtomicBool::new(false),
         delivered: Mutex::new(HashMap::new()),
+        cold_start_timeout: cfg.cold_start_timeout,
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
         .await
