@@ -65,6 +65,9 @@ async fn replicas_become(api: &KubeApi, name: &str, want: i64, limit: Duration) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_scales_up_stays_for_the_window_then_idles_to_zero() {
     let api = KubeApi::start();
+    // Pods become ready 100 ms after each scale, as a Deployment's would:
+    // the policy waits for starting replicas before asking for more.
+    api.auto_ready(Some(Duration::from_millis(100)));
     let nats = NatsServer::start_local().await;
     let dir = tempfile::tempdir().unwrap();
     api.apply_deployment(

@@ -67,6 +67,9 @@ async fn replicas_become(api: &KubeApi, want: i64, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_patches_and_the_follower_takes_over() {
     let api = KubeApi::start();
+    // Pods become ready 100 ms after each scale, as a Deployment's would:
+    // the policy waits for starting replicas before asking for more.
+    api.auto_ready(Some(Duration::from_millis(100)));
     let nats = NatsServer::start_local().await;
     let dir = tempfile::tempdir().unwrap();
     api.apply_deployment(

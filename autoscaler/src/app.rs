@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec};
+use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec, Serving};
 use crate::scalers::nats::NatsScaler;
 use crate::scalers::prometheus::HttpAuth;
 use crate::target::{KubeTarget, WorkloadKind, WorkloadRef};
@@ -372,17 +372,19 @@ async fn wake(
 
 /// Reads every input of one function.
 /// Also returns the consumer's delivered position, whose movement between
-/// polls means work was done even when nothing is pending now.
+/// polls means work was done even when nothing is pending now, and its count
+/// of finished deliveries (for the policy's rate estimate).
 async fn observe(
     f: &Function,
     w: &ebb_kube::Workload,
     scalers: &Scalers,
     metrics: &Metrics,
-) -> (Vec<Input>, Option<u64>, Option<u32>) {
+) -> (Vec<Input>, Option<u64>, Option<u64>, Option<u32>) {
     let (http, auth, timeout) = (&scalers.http, &scalers.prometheus_auth, scalers.timeout);
     let key = f.key();
     let mut inputs = Vec::new();
     let mut delivered = None;
+    let mut finished = None;
     let mut cap = None;
     let error = |scaler: &'static str, label: &'static str, e: &dyn std::fmt::Display| {
         metrics
@@ -434,6 +436,7 @@ async fn observe(
         let value = match n.read(&f.spec).await {
             Ok(r) => {
                 delivered = Some(r.delivered);
+                finished = Some(r.finished);
                 Some(r.backlog)
             }
             Err(e) => {
@@ -511,7 +514,7 @@ async fn observe(
                 .set(v);
         }
     }
-    (inputs, delivered, cap)
+    (inputs, delivered, finished, cap)
 }
 
 /// HPA targets per namespace, listed at most once per poll (and only when a
@@ -545,7 +548,7 @@ async fn poll(
             return;
         };
         let seen = Instant::now();
-        let (inputs, delivered, cap) = observe(f, w, scalers, &s.metrics).await;
+        let (inputs, delivered, finished, cap) = observe(f, w, scalers, &s.metrics).await;
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
             match delivered {
@@ -562,12 +565,19 @@ async fn poll(
         let decision = {
             let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
             let st = states.entry(key.clone()).or_default();
-            policy::decide(
+            policy::decide_with(
                 &Observed {
                     inputs,
                     current,
                     cap,
                     activity,
+                },
+                // Ready pods and finished deliveries let the policy size by
+                // measured rates instead of chasing a backlog that grows
+                // while replicas start.
+                Serving {
+                    ready: Some(w.ready_replicas),
+                    delivered: finished,
                 },
                 &spec,
                 st,

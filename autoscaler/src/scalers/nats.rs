@@ -44,6 +44,10 @@ pub struct Reading {
     pub backlog: f64,
     /// The last stream sequence delivered to the consumer.
     pub delivered: u64,
+    /// Deliveries no longer waiting for their ack (the consumer's delivered
+    /// count less its ack-pending): a counter of what drained the backlog,
+    /// for the policy's rate estimate. Redeliveries count again.
+    pub finished: u64,
 }
 
 /// Reads JetStream consumer backlogs.
@@ -116,6 +120,10 @@ impl NatsScaler {
             Ok::<_, NatsScalerError>(Reading {
                 backlog: info.num_pending as f64 + info.num_ack_pending as f64,
                 delivered: info.delivered.stream_sequence,
+                finished: info
+                    .delivered
+                    .consumer_sequence
+                    .saturating_sub(info.num_ack_pending as u64),
             })
         };
         tokio::time::timeout(self.timeout, read)
