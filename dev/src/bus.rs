@@ -65,7 +65,7 @@ pub struct Bus {
     max_backlog: usize,
     tracker: TaskTracker,
     me: Weak<Bus>,
-    /// Events published (including dead letters), per topic.
+    /// Events published since start (dead letters included).
     pub published: AtomicU64,
 }
 
