@@ -195,7 +195,14 @@ async fn the_example_stack_delivers_retries_dead_letters_fires_and_scales_to_zer
     })
     .await;
     for pid in &sleepy_pids {
-        assert!(!alive(*pid), "replica {pid} still runs after scale to zero");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while alive(*pid) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {pid} still runs after scale to zero"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     // Wake-up: the next event starts a replica and is delivered.
@@ -565,5 +572,40 @@ async fn with_a_nats_source_the_real_connector_delivers_and_wakes_local_replicas
     assert_eq!(n(&f, "replicas"), 1, "woken from zero: {f}");
     assert!(dev.child.output().contains("stderr=from nats"));
     dev.child.signal(Signal::SIGINT);
+    assert!(dev.child.wait(Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        "functions:\n  - name: f\n    command: cat\n    topics: [t]\n    min-replicas: 1\n",
+    )
+    .unwrap();
+    let mut dev = Dev::start(&path).await;
+    let f = dev
+        .until("f", "its replica", Duration::from_secs(20), |f| {
+            n(f, "ready") == 1
+        })
+        .await;
+    let first = f["pids"][0].as_u64().unwrap() as u32;
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let f = dev
+        .until("f", "a new replica", Duration::from_secs(20), |f| {
+            n(f, "ready") == 1 && f["pids"][0].as_u64() != Some(u64::from(first))
+        })
+        .await;
+    assert_eq!(n(&f, "replicas"), 1, "{f}");
+    let error = f["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("replica exited"), "{f}");
+    // The new replica serves.
+    dev.publish("t", "after the crash").await;
+    dev.until("f", "delivered", Duration::from_secs(20), |f| {
+        n(f, "delivered") == 1
+    })
+    .await;
+    dev.child.signal(Signal::SIGTERM);
     assert!(dev.child.wait(Duration::from_secs(60)).await.success());
 }

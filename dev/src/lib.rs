@@ -343,6 +343,7 @@ async fn scale_loop(
             .functions
             .clone();
         states.retain(|name, _| functions.iter().any(|f| &f.name == name));
+        dev.replicas.reconcile_all().await;
         for f in functions.iter().filter(|f| !f.command.is_empty()) {
             let mut backlog = Some(
                 dev.bus

@@ -126,12 +126,32 @@ struct Replica {
     pid: u32,
     stop: CancellationToken,
     exited: Arc<AtomicBool>,
+    /// Exited without being told to stop.
+    crashed: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
 }
 
-/// The replicas of one function.
+/// The replicas of one function, kept at `desired` like a Deployment's
+/// ReplicaSet: a replica that dies is replaced, after a back-off that grows
+/// while replicas keep dying before they are ready.
 struct ReplicaSet {
     spec: Arc<FunctionSpec>,
+    desired: u32,
     replicas: Vec<Replica>,
+    /// Replicas that died since one was last ready.
+    crashes: u32,
+    /// No replacement before this.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// How long to wait before replacing a replica after `crashes` deaths in a
+/// row: 1 s, doubling, at most 30 s (Kubernetes' CrashLoopBackOff, shorter).
+pub fn crash_backoff(crashes: u32) -> Duration {
+    if crashes == 0 {
+        return Duration::ZERO;
+    }
+    let secs = 1u64 << (crashes - 1).min(5);
+    Duration::from_secs(secs.min(30))
 }
 
 /// Every function's replicas; also the engine's [`Resolve`]r.
@@ -176,16 +196,14 @@ impl Replicas {
             .clone()
     }
 
-    /// Replicas of `name` running or starting (its scale).
+    /// The scale of `name`: replicas asked for (running, starting, or
+    /// waiting to replace one that died).
     pub async fn count(&self, name: &str) -> u32 {
-        let mut sets = self.sets.lock().await;
-        match sets.get_mut(name) {
-            Some(set) => {
-                set.replicas.retain(|r| !r.exited.load(Ordering::SeqCst));
-                u32::try_from(set.replicas.len()).unwrap_or(u32::MAX)
-            }
-            None => 0,
-        }
+        self.sets
+            .lock()
+            .await
+            .get(name)
+            .map_or(0, |set| set.desired)
     }
 
     /// Process ids of `name`'s replicas.
@@ -205,36 +223,75 @@ impl Replicas {
         let mut sets = self.sets.lock().await;
         let set = sets.entry(spec.name.clone()).or_insert_with(|| ReplicaSet {
             spec: spec.clone(),
+            desired: 0,
             replicas: Vec::new(),
+            crashes: 0,
+            retry_at: None,
         });
-        set.replicas.retain(|r| !r.exited.load(Ordering::SeqCst));
-        let n = n as usize;
+        set.desired = n;
+        self.reconcile(set);
+    }
+
+    /// Replaces replicas that died (once their back-off has passed), for
+    /// every function.
+    pub async fn reconcile_all(&self) {
+        let mut sets = self.sets.lock().await;
+        for set in sets.values_mut() {
+            self.reconcile(set);
+        }
+    }
+
+    fn reconcile(&self, set: &mut ReplicaSet) {
+        let now = tokio::time::Instant::now();
+        let mut died = 0;
+        set.replicas.retain(|r| {
+            let gone = r.exited.load(Ordering::SeqCst);
+            if gone && r.crashed.load(Ordering::SeqCst) {
+                died += 1;
+            }
+            !gone
+        });
+        if set.replicas.iter().any(|r| r.ready.load(Ordering::SeqCst)) {
+            set.crashes = 0;
+        }
+        if died > 0 {
+            set.crashes += died;
+            let wait = crash_backoff(set.crashes);
+            set.retry_at = Some(now + wait);
+            tracing::warn!(function = %set.spec.name, crashes = set.crashes, ?wait, "replacing a replica that died");
+        }
+        let n = set.desired as usize;
         while set.replicas.len() > n {
             if let Some(r) = set.replicas.pop() {
                 r.stop.cancel();
             }
         }
+        if set.replicas.len() < n && set.retry_at.is_some_and(|t| now < t) {
+            return; // backing off
+        }
         while set.replicas.len() < n {
             match self.start(&set.spec) {
                 Ok(r) => set.replicas.push(r),
                 Err(e) => {
-                    tracing::error!(function = %spec.name, error = %e, "cannot start a replica");
+                    tracing::error!(function = %set.spec.name, error = %e, "cannot start a replica");
                     if let Some(ep) = self
                         .endpoints
                         .lock()
                         .ok()
-                        .and_then(|m| m.get(&spec.name).cloned())
+                        .and_then(|m| m.get(&set.spec.name).cloned())
                     {
                         ep.failed(&e);
                     }
+                    set.crashes += 1;
+                    set.retry_at = Some(now + crash_backoff(set.crashes));
                     break;
                 }
             }
         }
     }
 
-    /// 0 → `to` at once (a wake-up); a function already running is left alone.
-    /// True when replicas were started.
+    /// 0 → `to` at once (a wake-up); a function already scaled up is left
+    /// alone. True when replicas were asked for.
     pub async fn wake(&self, spec: &Arc<FunctionSpec>, to: u32) -> bool {
         if self.count(&spec.name).await > 0 {
             return false;
@@ -260,14 +317,14 @@ impl Replicas {
         if !restart {
             return;
         }
-        set.replicas.retain(|r| !r.exited.load(Ordering::SeqCst));
-        let n = set.replicas.len();
+        tracing::info!(function = %spec.name, replicas = set.desired, "function changed; replacing its replicas");
         for r in set.replicas.drain(..) {
             r.stop.cancel();
         }
-        drop(sets);
-        tracing::info!(function = %spec.name, replicas = n, "function changed; replacing its replicas");
-        self.scale(spec, u32::try_from(n).unwrap_or(u32::MAX)).await;
+        // A new command deserves a fresh start.
+        set.crashes = 0;
+        set.retry_at = None;
+        self.reconcile(set);
     }
 
     /// Stops every replica of `name` and forgets the function.
@@ -333,6 +390,8 @@ impl Replicas {
         }
         let stop = CancellationToken::new();
         let exited = Arc::new(AtomicBool::new(false));
+        let crashed = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
         let endpoints = self.endpoints_of(&spec.name, spec.max_inflight);
         tracing::info!(function = %spec.name, replica = id, %addr, pid, "starting replica");
         self.tracker.spawn(supervise(Supervised {
@@ -345,9 +404,17 @@ impl Replicas {
             endpoints,
             stop: stop.clone(),
             exited: exited.clone(),
+            crashed: crashed.clone(),
+            ready: ready.clone(),
             drain,
         }));
-        Ok(Replica { pid, stop, exited })
+        Ok(Replica {
+            pid,
+            stop,
+            exited,
+            crashed,
+            ready,
+        })
     }
 }
 
@@ -370,6 +437,8 @@ struct Supervised {
     endpoints: Arc<FnEndpoints>,
     stop: CancellationToken,
     exited: Arc<AtomicBool>,
+    crashed: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
     drain: Duration,
 }
 
@@ -382,6 +451,7 @@ async fn supervise(mut s: Supervised) {
     loop {
         tokio::select! {
             status = s.child.wait() => {
+                s.crashed.store(true, Ordering::SeqCst);
                 s.exited.store(true, Ordering::SeqCst);
                 let reason = describe(status);
                 tracing::warn!(replica = %s.label, %reason, "replica exited before it was ready");
@@ -406,11 +476,13 @@ async fn supervise(mut s: Supervised) {
         let uri = s.uri.parse().ok();
         if let Some(uri) = uri {
             tracing::info!(replica = %s.label, after = ?started.elapsed(), "replica ready");
+            s.ready.store(true, Ordering::SeqCst);
             s.endpoints.add(s.id, uri);
         }
         tokio::select! {
             status = s.child.wait() => {
                 s.endpoints.remove(s.id);
+                s.crashed.store(true, Ordering::SeqCst);
                 s.exited.store(true, Ordering::SeqCst);
                 let reason = describe(status);
                 tracing::warn!(replica = %s.label, %reason, "replica exited");
@@ -468,6 +540,12 @@ fn free_port() -> std::io::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crash_backoff_doubles_from_one_second_up_to_thirty() {
+        let secs: Vec<u64> = (0..9).map(|n| crash_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [0, 1, 2, 4, 8, 16, 30, 30, 30]);
+    }
 
     #[tokio::test]
     async fn endpoints_round_robin_and_bound_deliveries_by_ready_replicas() {
