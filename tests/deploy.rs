@@ -293,3 +293,92 @@ async fn the_autoscaler_role_allows_every_request_it_makes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_role_allows_every_request_the_cron_connector_makes() {
+    let manifests = docs("deploy/kubernetes/ebb.yaml");
+    let find = |k: &str, n: &str| {
+        manifests
+            .iter()
+            .find(|d| kind(d) == k && name(d) == n)
+            .unwrap_or_else(|| panic!("no {k} {n}"))
+    };
+    let mut rules = allowed(find("ClusterRole", "ebb-connector"));
+    assert!(
+        find("RoleBinding", "ebb-leases")["subjects"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "ebb-connector")
+    );
+    rules.extend(allowed(find("Role", "ebb-leases")));
+
+    // A function on a schedule, and one with a bad schedule (a Warning Event).
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let fired = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = fired.clone();
+    let app = axum::Router::new().fallback(move || {
+        f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { "ok" }
+    });
+    tokio::spawn(async move { axum::serve(sink, app).await.unwrap() });
+    let api = KubeApi::start();
+    let url = format!("http://127.0.0.1:{port}/");
+    api.apply_deployment(
+        "default",
+        "tick",
+        &[("ebb.io/schedule", "@every 1s"), ("ebb.io/url", &url)],
+        &[],
+        1,
+    );
+    api.apply_deployment(
+        "default",
+        "broken",
+        &[("ebb.io/schedule", "61 * * * *"), ("ebb.io/url", &url)],
+        &[],
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = ebb_command();
+    cmd.args([
+        "connector",
+        "cron",
+        "--kubernetes",
+        "--lease-namespace",
+        "ebb",
+    ])
+    .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+    .env("KUBECONFIG", api.kubeconfig(dir.path()));
+    let _cron = ChildGuard::spawn("cron", &mut cmd);
+    within(Duration::from_secs(30), "two fires", async {
+        while fired.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let mut seen = BTreeSet::new();
+    for r in api.requests() {
+        let need = rbac_of(&r.method, &r.path, &r.query);
+        assert!(
+            rules.contains(&need),
+            "the manifests do not allow {need:?} ({} {}?{})",
+            r.method,
+            r.path,
+            r.query
+        );
+        seen.insert(need);
+    }
+    for (g, r, v) in [
+        ("apps", "deployments", "watch"),
+        ("", "events", "create"),
+        ("coordination.k8s.io", "leases", "create"),
+        ("coordination.k8s.io", "leases", "update"),
+    ] {
+        assert!(
+            seen.contains(&(g.to_string(), r.to_string(), v.to_string())),
+            "the scenario should exercise {g}/{r} {v}; saw {seen:?}"
+        );
+    }
+}
