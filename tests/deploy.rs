@@ -87,6 +87,27 @@ fn rbac_of(method: &str, path: &str, query: &str) -> (String, String, String) {
     (group, resource, verb.to_string())
 }
 
+/// Every request the double recorded is allowed by `rules`; returns what
+/// they needed.
+fn check_requests(
+    api: &KubeApi,
+    rules: &BTreeSet<(String, String, String)>,
+) -> BTreeSet<(String, String, String)> {
+    let mut seen = BTreeSet::new();
+    for r in api.requests() {
+        let need = rbac_of(&r.method, &r.path, &r.query);
+        assert!(
+            rules.contains(&need),
+            "the manifests do not allow {need:?} ({} {}?{})",
+            r.method,
+            r.path,
+            r.query
+        );
+        seen.insert(need);
+    }
+    seen
+}
+
 #[test]
 fn request_paths_map_to_rbac_rules() {
     let cases = [
@@ -268,18 +289,7 @@ async fn the_autoscaler_role_allows_every_request_it_makes() {
     // A few more polls read the pods of a running function.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut seen = BTreeSet::new();
-    for r in api.requests() {
-        let need = rbac_of(&r.method, &r.path, &r.query);
-        assert!(
-            rules.contains(&need),
-            "the manifests do not allow {need:?} ({} {}?{})",
-            r.method,
-            r.path,
-            r.query
-        );
-        seen.insert(need);
-    }
+    let seen = check_requests(&api, &rules);
     for (g, r, v) in [
         ("apps", "deployments/scale", "patch"),
         ("autoscaling", "horizontalpodautoscalers", "list"),
@@ -358,18 +368,7 @@ async fn the_connector_role_allows_every_request_the_cron_connector_makes() {
     })
     .await;
 
-    let mut seen = BTreeSet::new();
-    for r in api.requests() {
-        let need = rbac_of(&r.method, &r.path, &r.query);
-        assert!(
-            rules.contains(&need),
-            "the manifests do not allow {need:?} ({} {}?{})",
-            r.method,
-            r.path,
-            r.query
-        );
-        seen.insert(need);
-    }
+    let seen = check_requests(&api, &rules);
     for (g, r, v) in [
         ("apps", "deployments", "watch"),
         ("", "events", "create"),
