@@ -109,6 +109,19 @@ fn check_requests(
 }
 
 #[test]
+fn the_kustomize_base_lists_files_that_exist() {
+    let base = &docs("deploy/kubernetes/kustomization.yaml")[0];
+    let resources = base["resources"].as_sequence().unwrap();
+    assert!(!resources.is_empty());
+    for r in resources {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/kubernetes")
+            .join(r.as_str().unwrap());
+        assert!(path.is_file(), "{}", path.display());
+    }
+}
+
+#[test]
 fn request_paths_map_to_rbac_rules() {
     let cases = [
         (
