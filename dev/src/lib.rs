@@ -48,6 +48,16 @@ pub enum Error {
     Run(String),
 }
 
+impl Error {
+    /// A bounded label for error counters.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "config",
+            Self::Run(_) => "run",
+        }
+    }
+}
+
 /// Settings of `ebb dev`.
 #[derive(Debug, Clone)]
 pub struct DevConfig {
