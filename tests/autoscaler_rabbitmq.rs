@@ -10,8 +10,8 @@ use ebb_autoscaler::scalers::rabbitmq::{Management, RabbitMqScaler, RabbitMqScal
 use ebb_model::FunctionSpec;
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -135,7 +135,8 @@ async fn management_and_passive_declare_read_the_backlog() {
         Reading {
             backlog: 50.0,
             ready: 50,
-            unacked: Some(0)
+            unacked: Some(0),
+            finished: reading.finished,
         }
     );
     assert_eq!(http.backlog(&f).await.expect("backlog"), 50.0);
@@ -146,7 +147,8 @@ async fn management_and_passive_declare_read_the_backlog() {
         Reading {
             backlog: 50.0,
             ready: 50,
-            unacked: None
+            unacked: None,
+            finished: None,
         }
     );
     // The connection is kept; a second read works the same.
@@ -281,6 +283,70 @@ async fn wrong_credentials_are_an_error() {
         !err.to_string().contains("not-the-password"),
         "error does not leak the password: {err}"
     );
+
+    connection.close(200, "done".into()).await.expect("close");
+}
+
+/// Takes `n` deliveries from `consumer` and acks each.
+async fn ack(consumer: &mut Consumer, n: usize) {
+    for _ in 0..n {
+        let delivery = within(STEP, "delivery", consumer.next())
+            .await
+            .expect("consumer open")
+            .expect("delivery");
+        within(STEP, "ack", delivery.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+}
+
+#[tokio::test]
+async fn acked_messages_count_as_finished() {
+    let vhost = RabbitMq::shared().await.vhost().await;
+    let (connection, channel) = channel(&vhost).await;
+    let queue = "acked";
+    queue_with(&channel, queue, 20).await;
+    let f = function(queue);
+    let http = management(&vhost).await;
+    // Published to, nothing acked yet: RabbitMQ reports no `ack` counter,
+    // which is unknown, not 0.
+    let published = poll_until(&http, &f, "backlog 20", |r| r.backlog == 20.0).await;
+    assert_eq!(published.finished, None, "{published:?}");
+
+    // A consumer with a prefetch of 10 acks 6, then 5 more.
+    let consuming = within(STEP, "consumer channel", connection.create_channel())
+        .await
+        .expect("channel");
+    within(
+        STEP,
+        "qos",
+        consuming.basic_qos(10, BasicQosOptions::default()),
+    )
+    .await
+    .expect("qos");
+    let mut consumer: Consumer = within(
+        STEP,
+        "basic consume",
+        consuming.basic_consume(
+            queue.into(),
+            "worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("consume");
+    ack(&mut consumer, 6).await;
+    let six = poll_until(&http, &f, "6 finished", |r| r.finished == Some(6)).await;
+    // The other 10 of the prefetch are delivered, not finished.
+    assert_eq!(six.backlog, 14.0, "{six:?}");
+    ack(&mut consumer, 5).await;
+    let eleven = poll_until(&http, &f, "11 finished", |r| r.finished == Some(11)).await;
+    assert_eq!(eleven.backlog, 9.0, "{eleven:?}");
+
+    // A passive declare cannot tell.
+    let amqp = RabbitMqScaler::amqp(vhost.url(), TIMEOUT).expect("amqp scaler");
+    assert_eq!(amqp.read(&f).await.expect("passive declare").finished, None);
 
     connection.close(200, "done".into()).await.expect("close");
 }

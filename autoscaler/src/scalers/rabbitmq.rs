@@ -13,6 +13,20 @@
 //!   function's backlog reads low (down to 0 while every message is in
 //!   flight). Use the management API when it is available.
 //!
+//! The management API also tells how many messages the queue's consumers
+//! finished ([`Reading::finished`]): the queue's cumulative
+//! `message_stats.ack`, plus the messages taken without acknowledgement
+//! (`deliver_no_ack`, `get_no_ack`), which leave the queue on delivery.
+//! RabbitMQ leaves counters that are still zero out of `message_stats`, and
+//! `message_stats` out of a queue without statistics (a new queue, or with
+//! `management.rates_mode = none`): the count is `None` ("unknown"), never
+//! 0, until `ack` is present, so a count that was merely not reported never
+//! reads as a jump later. The counters restart when the queue is re-created
+//! or the node loses its statistics; the policy reads that decrease as
+//! "unknown". `deliver_get` is not used: it counts hand-outs, redeliveries
+//! included, which grow as the consumers' prefetch fills rather than as the
+//! function finishes. A passive declare cannot tell: `None`.
+//!
 //! A missing queue (HTTP 404, or the broker closing the channel with
 //! `NOT_FOUND`) is an error ([`RabbitMqScalerError::NoQueue`]), never 0. The
 //! policy treats every error as "unknown" and holds the current replica count.
@@ -89,6 +103,11 @@ pub struct Reading {
     /// Messages delivered and not yet acked; `None` over AMQP, which cannot
     /// tell.
     pub unacked: Option<u64>,
+    /// Messages the queue's consumers finished so far (acked, or taken
+    /// without acknowledgement), a counter that only grows while the queue
+    /// and its statistics live. `None` when unknown: over AMQP, and while
+    /// the management API has no message statistics for the queue.
+    pub finished: Option<u64>,
 }
 
 /// Where the management API is and how to log in.
@@ -300,7 +319,8 @@ async fn read_management(
 }
 
 /// `messages_ready` + `messages_unacknowledged` of a management API queue
-/// object; `None` unless both are present non-negative integers.
+/// object; `None` unless both are present non-negative integers. The
+/// finished count is [`parse_finished`]'s.
 pub fn parse_queue(json: &Json) -> Option<Reading> {
     let ready = json.get("messages_ready")?.as_u64()?;
     let unacked = json.get("messages_unacknowledged")?.as_u64()?;
@@ -308,7 +328,25 @@ pub fn parse_queue(json: &Json) -> Option<Reading> {
         backlog: ready as f64 + unacked as f64,
         ready,
         unacked: Some(unacked),
+        finished: parse_finished(json),
     })
+}
+
+/// `message_stats.ack` + `deliver_no_ack` + `get_no_ack` of a management API
+/// queue object: messages its consumers finished so far. `None` when
+/// `message_stats.ack` is missing (RabbitMQ omits counters that are still
+/// zero, and all of them while the queue has no statistics) or any of the
+/// three is not a non-negative integer; the other two are 0 when missing
+/// next to `ack`, as the API omits them while they are zero.
+pub fn parse_finished(json: &Json) -> Option<u64> {
+    let stats = json.get("message_stats")?;
+    let mut finished = stats.get("ack")?.as_u64()?;
+    for field in ["deliver_no_ack", "get_no_ack"] {
+        if let Some(n) = stats.get(field) {
+            finished = finished.checked_add(n.as_u64()?)?;
+        }
+    }
+    Some(finished)
 }
 
 fn request_error(e: reqwest::Error, config: &Management) -> RabbitMqScalerError {
@@ -382,6 +420,7 @@ async fn read_amqp(
         backlog: ready as f64,
         ready,
         unacked: None,
+        finished: None,
     })
 }
 
@@ -466,8 +505,52 @@ mod tests {
             Some(Reading {
                 backlog: 5.0,
                 ready: 3,
-                unacked: Some(2)
+                unacked: Some(2),
+                finished: None,
             })
         );
+    }
+
+    #[test]
+    fn finished_counts_acks_and_unacknowledged_takes() {
+        let queue = |stats: serde_json::Value| {
+            let mut q = serde_json::json!({"messages_ready": 3, "messages_unacknowledged": 2});
+            q["message_stats"] = stats;
+            q
+        };
+        // RabbitMQ 3.10 answers for a queue that has only been published to.
+        let published = queue(serde_json::json!({
+            "publish": 20, "publish_details": {"rate": 0.0}
+        }));
+        assert_eq!(parse_finished(&published), None);
+        // A new or idle queue: no `message_stats` at all.
+        assert_eq!(
+            parse_finished(&serde_json::json!({"messages_ready": 0})),
+            None
+        );
+        let acked = queue(serde_json::json!({
+            "ack": 6, "ack_details": {"rate": 1.2},
+            "deliver": 16, "deliver_get": 16, "publish": 20, "redeliver": 0
+        }));
+        assert_eq!(parse_finished(&acked), Some(6));
+        assert_eq!(
+            parse_queue(&acked).map(|r| r.finished),
+            Some(Some(6)),
+            "the reading carries it"
+        );
+        let mixed = queue(serde_json::json!({
+            "ack": 6, "deliver_no_ack": 4, "get_no_ack": 1, "deliver_get": 30
+        }));
+        assert_eq!(parse_finished(&mixed), Some(11));
+        // Not counters: unknown, never 0.
+        for bad in [
+            serde_json::json!({"ack": -1}),
+            serde_json::json!({"ack": "6"}),
+            serde_json::json!({"ack": 6, "get_no_ack": null}),
+            serde_json::json!({"ack": u64::MAX, "deliver_no_ack": 1}),
+            serde_json::json!([]),
+        ] {
+            assert_eq!(parse_finished(&queue(bad.clone())), None, "{bad}");
+        }
     }
 }
