@@ -103,7 +103,8 @@ async fn lag_is_high_watermark_minus_committed() {
             reading,
             Reading {
                 lag: 20.0,
-                partitions: 3
+                partitions: 3,
+                finished: Some(10),
             },
             "{reset:?}"
         );
@@ -124,14 +125,16 @@ async fn uncommitted_partitions_count_from_the_reset_position() {
         earliest.read(&fresh).await.expect("earliest"),
         Reading {
             lag: 30.0,
-            partitions: 3
+            partitions: 3,
+            finished: Some(0),
         }
     );
     assert_eq!(
         latest.read(&fresh).await.expect("latest"),
         Reading {
             lag: 0.0,
-            partitions: 3
+            partitions: 3,
+            finished: Some(0),
         }
     );
 
@@ -163,9 +166,42 @@ async fn lag_and_partitions_sum_over_topics() {
         reading,
         Reading {
             lag: 4.0,
-            partitions: 5
+            partitions: 5,
+            finished: Some(4),
         }
     );
+}
+
+#[tokio::test]
+async fn finished_is_the_sum_of_committed_offsets() {
+    let kafka = KafkaMock::new();
+    let topic = unique_name("orders");
+    kafka.create_topic(&topic, 3);
+    produce(&kafka, &topic, 3, 30).await;
+    let group = unique_name("group");
+    let f = function(&[&topic], &group);
+    let scaler = scaler(&kafka, OffsetReset::Earliest);
+    let finished = |reading: Reading| reading.finished;
+
+    // Nothing committed: nothing finished.
+    assert_eq!(finished(scaler.read(&f).await.expect("read")), Some(0));
+    // First commits on partitions 0 and 1: the sum, but a partition's first
+    // commit is not comparable with the read before it.
+    commit(&kafka, &group, &[(&topic, 0, 4), (&topic, 1, 2)]);
+    let first = scaler.read(&f).await.expect("read");
+    assert_eq!((first.lag, first.finished), (24.0, None));
+    assert_eq!(finished(scaler.read(&f).await.expect("read")), Some(6));
+    // The function finishes 5 more: the count grows by 5.
+    commit(&kafka, &group, &[(&topic, 0, 7), (&topic, 1, 4)]);
+    let more = scaler.read(&f).await.expect("read");
+    assert_eq!((more.lag, more.finished), (19.0, Some(11)));
+    // A fresh scaler has nothing to compare with: the sum.
+    let fresh = self::scaler(&kafka, OffsetReset::Earliest);
+    assert_eq!(finished(fresh.read(&f).await.expect("read")), Some(11));
+    // A commit moved back: unknown, then the (lower) sum again.
+    commit(&kafka, &group, &[(&topic, 0, 1)]);
+    assert_eq!(finished(scaler.read(&f).await.expect("read")), None);
+    assert_eq!(finished(scaler.read(&f).await.expect("read")), Some(5));
 }
 
 #[tokio::test]

@@ -3,6 +3,16 @@
 //! its topics: high watermark − committed offset. A partition the group never
 //! committed on counts from where the group would start reading
 //! ([`OffsetReset`]), never as −1.
+//!
+//! The same read tells how many messages the group finished
+//! ([`Reading::finished`]): its committed offsets summed over the partitions
+//! that have one (a partition without a commit contributes nothing). The sum
+//! grows as the function commits, but it also jumps when a partition gets
+//! its first commit (a partition added to a topic, or one the group starts
+//! reading at its end) and falls when a commit is moved back or expires, so
+//! the scaler remembers each group's commits of its previous read and
+//! reports `None` ("unknown") for a read where a partition gained, lost or
+//! moved back its commit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -77,7 +87,15 @@ pub struct Reading {
     pub lag: f64,
     /// Partitions of the function's topics: more replicas than this would idle.
     pub partitions: u32,
+    /// Committed offsets summed over the partitions that have one: messages
+    /// the group finished, a counter that grows as it commits. `None` when
+    /// it cannot be compared with the previous read of the group: a
+    /// partition gained or lost its commit, or its commit moved back.
+    pub finished: Option<u64>,
 }
+
+/// Committed offsets of one group by topic and partition.
+type Commits = HashMap<(String, i32), i64>;
 
 /// Reads consumer-group lags. Cheap to clone; keeps one client per group
 /// (committed offsets are fetched for the client's own `group.id`).
@@ -88,6 +106,8 @@ pub struct KafkaScaler {
     reset: OffsetReset,
     timeout: Duration,
     consumers: Arc<Mutex<HashMap<String, Arc<BaseConsumer>>>>,
+    /// Each group's commits at its previous read.
+    commits: Arc<Mutex<HashMap<String, Commits>>>,
 }
 
 impl KafkaScaler {
@@ -113,12 +133,17 @@ impl KafkaScaler {
             reset,
             timeout,
             consumers: Arc::default(),
+            commits: Arc::default(),
         }
     }
 
     /// Forgets the client of `group` (e.g. when its function is deleted).
     pub fn forget(&self, group: &str) {
         self.lock().remove(group);
+        self.commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(group);
     }
 
     /// The lag of `f`'s consumer group.
@@ -139,13 +164,23 @@ impl KafkaScaler {
         let (reset, timeout) = (self.reset, self.timeout);
         let bootstrap = self.bootstrap.clone();
         let task = tokio::task::spawn_blocking(move || {
-            read(&consumer, &bootstrap, &group, &topics, reset, timeout)
+            let read = read(&consumer, &bootstrap, &group, &topics, reset, timeout);
+            (group, read)
         });
-        match tokio::time::timeout(self.timeout, task).await {
-            Err(_) => Err(KafkaScalerError::Timeout(self.timeout)),
-            Ok(Err(join)) => Err(KafkaScalerError::Task(join.to_string())),
-            Ok(Ok(reading)) => reading,
+        let (group, (mut reading, commits)) = match tokio::time::timeout(self.timeout, task).await {
+            Err(_) => return Err(KafkaScalerError::Timeout(self.timeout)),
+            Ok(Err(join)) => return Err(KafkaScalerError::Task(join.to_string())),
+            Ok(Ok((group, read))) => (group, read?),
+        };
+        let previous = self
+            .commits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(group, commits.clone());
+        if previous.is_some_and(|p| !comparable(&p, &commits)) {
+            reading.finished = None;
         }
+        Ok(reading)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<BaseConsumer>>> {
@@ -197,7 +232,17 @@ fn is_unreachable(e: &KafkaError) -> bool {
     )
 }
 
-/// Blocking: metadata, committed offsets, then watermarks partition by partition.
+/// Whether the commits summed now count on from those summed before: the
+/// same partitions have a commit, none moved back.
+fn comparable(before: &Commits, now: &Commits) -> bool {
+    before.len() == now.len()
+        && now
+            .iter()
+            .all(|(tp, offset)| before.get(tp).is_some_and(|b| b <= offset))
+}
+
+/// Blocking: metadata, committed offsets, then watermarks partition by
+/// partition. Also returns the committed offsets it summed.
 fn read(
     consumer: &BaseConsumer,
     bootstrap: &str,
@@ -205,7 +250,7 @@ fn read(
     topics: &[String],
     reset: OffsetReset,
     timeout: Duration,
-) -> Result<Reading, KafkaScalerError> {
+) -> Result<(Reading, Commits), KafkaScalerError> {
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
@@ -266,9 +311,17 @@ fn read(
     })?;
 
     let mut lag = 0u64;
+    let mut commits = Commits::new();
+    let mut finished = Some(0u64);
     for elem in committed.elements() {
         elem.error()
             .map_err(|e| coordinator(format!("{}[{}]: {e}", elem.topic(), elem.partition())))?;
+        if let Offset::Offset(n) = elem.offset()
+            && n >= 0
+        {
+            commits.insert((elem.topic().to_string(), elem.partition()), n);
+            finished = finished.and_then(|f| f.checked_add(n.unsigned_abs()));
+        }
         let (low, high) = consumer
             .fetch_watermarks(elem.topic(), elem.partition(), timeout)
             .map_err(|e| {
@@ -284,10 +337,14 @@ fn read(
             })?;
         lag += partition_lag(elem.offset(), low, high, reset);
     }
-    Ok(Reading {
-        lag: lag as f64,
-        partitions,
-    })
+    Ok((
+        Reading {
+            lag: lag as f64,
+            partitions,
+            finished,
+        },
+        commits,
+    ))
 }
 
 /// The lag of one partition. Without a usable committed offset (none, or
@@ -320,5 +377,28 @@ mod tests {
         assert_eq!(partition_lag(Offset::Offset(1), 2, 10, Latest), 0);
         // Never negative.
         assert_eq!(partition_lag(Offset::Offset(12), 0, 10, Latest), 0);
+    }
+
+    #[test]
+    fn commits_compare_only_on_the_same_partitions_moving_forward() {
+        let commits = |entries: &[(&str, i32, i64)]| -> Commits {
+            entries
+                .iter()
+                .map(|&(t, p, o)| ((t.to_string(), p), o))
+                .collect()
+        };
+        let before = commits(&[("a", 0, 4), ("a", 1, 2)]);
+        assert!(comparable(&before, &before));
+        assert!(comparable(&before, &commits(&[("a", 0, 9), ("a", 1, 2)])));
+        // A partition's first commit (added, or read from its end): a jump.
+        assert!(!comparable(
+            &before,
+            &commits(&[("a", 0, 4), ("a", 1, 2), ("a", 2, 1000)])
+        ));
+        // A commit gone, or moved back.
+        assert!(!comparable(&before, &commits(&[("a", 0, 9)])));
+        assert!(!comparable(&before, &commits(&[("a", 0, 3), ("a", 1, 9)])));
+        // The same count of partitions, not the same partitions.
+        assert!(!comparable(&before, &commits(&[("a", 0, 4), ("b", 1, 2)])));
     }
 }
