@@ -371,9 +371,11 @@ async fn wake(
 }
 
 /// Reads every input of one function.
-/// Also returns the consumer's delivered position, whose movement between
-/// polls means work was done even when nothing is pending now, and its count
-/// of finished deliveries (for the policy's rate estimate).
+/// Also returns the JetStream consumer's delivered position, whose movement
+/// between polls means work was done even when nothing is pending now, and
+/// a count of finished messages for the policy's rate estimate: that of the
+/// broker input (RabbitMQ over the management API, Kafka, JetStream) with
+/// the largest backlog, see [`finished_of`].
 async fn observe(
     f: &Function,
     w: &ebb_kube::Workload,
@@ -384,7 +386,8 @@ async fn observe(
     let key = f.key();
     let mut inputs = Vec::new();
     let mut delivered = None;
-    let mut finished = None;
+    // (backlog, finished count) of each broker input.
+    let mut counts = Vec::new();
     let mut cap = None;
     let error = |scaler: &'static str, label: &'static str, e: &dyn std::fmt::Display| {
         metrics
@@ -400,8 +403,11 @@ async fn observe(
     if let Some(r) = &scalers.rabbitmq
         && !f.spec.topics.is_empty()
     {
-        let value = match r.backlog(&f.spec).await {
-            Ok(v) => Some(v),
+        let value = match r.read(&f.spec).await {
+            Ok(r) => {
+                counts.push((r.backlog, r.finished));
+                Some(r.backlog)
+            }
             Err(e) => {
                 error("rabbitmq", e.metric_label(), &e);
                 None
@@ -418,6 +424,7 @@ async fn observe(
         let value = match k.read(&f.spec).await {
             Ok(r) => {
                 cap = Some(r.partitions);
+                counts.push((r.lag, r.finished));
                 Some(r.lag)
             }
             Err(e) => {
@@ -436,7 +443,7 @@ async fn observe(
         let value = match n.read(&f.spec).await {
             Ok(r) => {
                 delivered = Some(r.delivered);
-                finished = Some(r.finished);
+                counts.push((r.backlog, Some(r.finished)));
                 Some(r.backlog)
             }
             Err(e) => {
@@ -514,7 +521,23 @@ async fn observe(
                 .set(v);
         }
     }
-    (inputs, delivered, finished, cap)
+    (inputs, delivered, finished_of(&counts), cap)
+}
+
+/// The finished count for the policy, from `(backlog, finished)` of each
+/// broker input read (in the order RabbitMQ, Kafka, JetStream): that of the
+/// input with the largest backlog, the one the policy sizes by, since the
+/// count must be what drains that backlog; on a tie the later input's
+/// (JetStream before Kafka before RabbitMQ). `None` when that input cannot
+/// tell (a passive declare, statistics not reported, a Kafka partition's
+/// commit gained or moved back), even if a smaller input could: a count of
+/// another queue would not match the backlog measured.
+fn finished_of(counts: &[(f64, Option<u64>)]) -> Option<u64> {
+    counts
+        .iter()
+        .copied()
+        .reduce(|best, next| if next.0 >= best.0 { next } else { best })
+        .and_then(|(_, finished)| finished)
 }
 
 /// HPA targets per namespace, listed at most once per poll (and only when a
@@ -865,4 +888,25 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let _ = disc.await;
     let _ = admin.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finished_of;
+
+    #[test]
+    fn the_finished_count_is_the_largest_inputs() {
+        assert_eq!(finished_of(&[]), None);
+        assert_eq!(finished_of(&[(5.0, Some(7))]), Some(7));
+        // RabbitMQ 50, Kafka 20: RabbitMQ's count.
+        assert_eq!(finished_of(&[(50.0, Some(3)), (20.0, Some(9))]), Some(3));
+        assert_eq!(finished_of(&[(5.0, Some(3)), (20.0, Some(9))]), Some(9));
+        // The largest cannot tell: unknown, not a smaller input's count.
+        assert_eq!(finished_of(&[(50.0, None), (20.0, Some(9))]), None);
+        // A tie: the later input (JetStream over Kafka over RabbitMQ).
+        assert_eq!(
+            finished_of(&[(0.0, Some(1)), (0.0, Some(2)), (0.0, Some(3))]),
+            Some(3)
+        );
+    }
 }
