@@ -47,6 +47,10 @@ async fn replicas_become(api: &KubeApi, name: &str, want: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_lag_scales_up_capped_at_the_partition_count() {
     let api = KubeApi::start();
+    // Pods become ready 100 ms after each scale, as a Deployment's would:
+    // with the group's committed offsets as its finished count, the policy
+    // waits for starting replicas before asking for more.
+    api.auto_ready(Some(Duration::from_millis(100)));
     let kafka = KafkaMock::new();
     kafka.create_topic("k.work", 3);
     let producer: FutureProducer = ClientConfig::new()
