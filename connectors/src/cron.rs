@@ -90,6 +90,72 @@ impl Clock {
     }
 }
 
+/// How much earlier than an instant the scheduler's timer wakes: tokio's
+/// timers have millisecond granularity and round up, so a timer set for the
+/// instant itself fires 1–2 ms after it.
+const WAKE_EARLY: Duration = Duration::from_millis(2);
+
+impl Clock {
+    /// Sleeps until `when`, waking on time rather than up to two timer ticks
+    /// late: on the system clock the timer wakes [`WAKE_EARLY`] before, then
+    /// the task yields to others until the instant.
+    async fn sleep_until_precisely(&self, when: DateTime<Utc>) {
+        if matches!(self, Clock::Anchored { .. }) {
+            return self.sleep_until(when).await;
+        }
+        let early = chrono::Duration::from_std(WAKE_EARLY).unwrap_or_default();
+        loop {
+            self.sleep_until(when - early).await;
+            loop {
+                let left = when - self.now();
+                if left <= chrono::Duration::zero() {
+                    return;
+                }
+                if left > early * 2 {
+                    // The system clock stepped back: sleep again.
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// One timer per scheduled instant, shared by every function due then: the
+/// instant wakes them all at once instead of each on its own timer.
+struct Alarms {
+    clock: Clock,
+    pending: Mutex<HashMap<DateTime<Utc>, CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Alarms {
+    /// A token cancelled at `when` (or never, once the scheduler stops).
+    fn at(self: &Arc<Self>, when: DateTime<Utc>) -> CancellationToken {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = pending.get(&when) {
+            return t.clone();
+        }
+        let alarm = CancellationToken::new();
+        pending.insert(when, alarm.clone());
+        drop(pending);
+        let this = self.clone();
+        let ring = alarm.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = this.clock.sleep_until_precisely(when) => {}
+                () = this.stop.cancelled() => return,
+            }
+            this.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&when);
+            ring.cancel();
+        });
+        alarm
+    }
+}
+
 /// Where the last fired tick of each function is kept.
 pub trait TickStore: Send + Sync {
     /// The last fired tick of the function `key` (`namespace/name`), if recorded.
@@ -281,6 +347,7 @@ impl Fire for Engine {
 struct Shared<F> {
     firer: Arc<F>,
     clock: Clock,
+    alarms: Arc<Alarms>,
     ticks: Arc<dyn TickStore>,
     metrics: CronMetrics,
     tracker: TaskTracker,
@@ -307,10 +374,12 @@ async fn run_function<F: Fire>(
     loop {
         let now = shared.clock.now();
         // Ticks due since the last one handled: after a start, a failover or
-        // a slow wake-up.
+        // a slow wake-up. (Usually none: the next tick is still ahead.)
         let due = match last {
-            Some(l) => catch_up(&schedule, l, now, spec.starting_deadline),
-            None => CatchUp {
+            Some(l) if schedule.next_after(l).is_some_and(|n| n <= now) => {
+                catch_up(&schedule, l, now, spec.starting_deadline)
+            }
+            _ => CatchUp {
                 fire: None,
                 missed: 0,
             },
@@ -319,8 +388,8 @@ async fn run_function<F: Fire>(
             missed.inc_by(due.missed as u64);
             tracing::warn!(function = %target.key, missed = due.missed, "ticks missed; not fired late");
         }
-        let at = match due.fire {
-            Some(at) => at,
+        let (at, event) = match due.fire {
+            Some(at) => (at, tick_event(&spec, at)),
             None => {
                 let from = last.map_or(now, |l| l.max(now));
                 let Some(next) = schedule.next_after(from) else {
@@ -328,8 +397,11 @@ async fn run_function<F: Fire>(
                     stop.cancelled().await;
                     break;
                 };
+                // Built while waiting, so the instant only has to send it.
+                let event = tick_event(&spec, next);
+                let alarm = shared.alarms.at(next);
                 tokio::select! {
-                    () = shared.clock.sleep_until(next) => {}
+                    () = alarm.cancelled() => {}
                     () = stop.cancelled() => break,
                 }
                 let late = shared.clock.now() - next;
@@ -342,7 +414,7 @@ async fn run_function<F: Fire>(
                     last = Some(next);
                     continue;
                 }
-                next
+                (next, event)
             }
         };
         last = Some(at);
@@ -365,9 +437,6 @@ async fn run_function<F: Fire>(
             _ => {}
         }
         let error = (shared.clock.now() - at).to_std().unwrap_or_default();
-        shared.metrics.firing_error.observe(error.as_secs_f64());
-        fires.inc();
-        let event = tick_event(&spec, at);
         let cancel = CancellationToken::new();
         let task = {
             let (shared, target, cancel) = (shared.clone(), target.clone(), cancel.clone());
@@ -379,6 +448,10 @@ async fn run_function<F: Fire>(
             })
         };
         running.push((cancel, task));
+        // The rest waits until the other functions due now have fired too.
+        tokio::task::yield_now().await;
+        shared.metrics.firing_error.observe(error.as_secs_f64());
+        fires.inc();
         // Recorded once fired, so a new leader does not fire it again.
         shared.ticks.record(&target.key, at);
     }
@@ -426,6 +499,11 @@ pub async fn run_schedules<F: Fire>(
     let shared = Arc::new(Shared {
         firer,
         clock,
+        alarms: Arc::new(Alarms {
+            clock,
+            pending: Mutex::default(),
+            stop: stop.clone(),
+        }),
         ticks: ticks.clone(),
         metrics,
         tracker: TaskTracker::new(),

@@ -35,6 +35,9 @@ struct Args {
     /// The schedule of every function.
     #[arg(long, default_value = "*/1 * * * * *")]
     schedule: String,
+    /// Also print each scheduled instant's calls (min/p50/max).
+    #[arg(long)]
+    per_tick: bool,
 }
 
 #[tokio::main]
@@ -51,7 +54,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let errors: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<(i64, i64)>>> = Arc::default();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     {
         let errors = errors.clone();
@@ -80,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                                     .num_microseconds()
                                     .unwrap_or(i64::MAX);
                                 let mut e = errors.lock().unwrap_or_else(|p| p.into_inner());
-                                e.push(us);
+                                e.push((s.timestamp_millis(), us));
                                 if e.len() == want {
                                     let _ = done_tx.try_send(());
                                 }
@@ -121,6 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("start {}", args.ebb.display()))?;
     let bound = Duration::from_secs(30 + args.fires as u64 / args.functions.max(1) as u64 * 2);
     let finished = tokio::time::timeout(bound, done_rx.recv()).await;
+    let scheduler = scrape(admin).await.unwrap_or_default();
     if let Some(pid) = child.id() {
         let _ = nix_term(pid);
     }
@@ -131,10 +135,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut samples = errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     samples.truncate(args.fires);
-    let early = samples.iter().filter(|&&us| us < 0).count();
+    let early = samples.iter().filter(|s| s.1 < 0).count();
     let mut lat = Latencies::new();
-    for us in &samples {
-        lat.record_us((*us).max(0) as u64);
+    let mut per_tick: std::collections::BTreeMap<i64, Latencies> = Default::default();
+    for &(tick, us) in &samples {
+        lat.record_us(us.max(0) as u64);
+        per_tick
+            .entry(tick)
+            .or_default()
+            .record_us(us.max(0) as u64);
+    }
+    if args.per_tick {
+        for (tick, l) in &per_tick {
+            println!(
+                "tick {tick}: {} calls, min {} us, p50 {} us, max {} us",
+                l.count(),
+                l.min(),
+                l.percentile(50.0),
+                l.max()
+            );
+        }
     }
     println!(
         "fires {} of {} functions on \"{}\": firing error (arrival - scheduled) p50 {} us, p99 {} us, max {} us, early {}",
@@ -146,11 +166,78 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lat.max(),
         early
     );
+    // The first instant opens every connection; the later ones reuse them.
+    let first = per_tick.keys().next().copied();
+    let mut warm = Latencies::new();
+    for &(tick, us) in &samples {
+        if Some(tick) != first {
+            warm.record_us(us.max(0) as u64);
+        }
+    }
+    if warm.count() > 0 {
+        println!(
+            "after the first instant: {} fires, p50 {} us, p99 {} us, max {} us",
+            warm.count(),
+            warm.percentile(50.0),
+            warm.percentile(99.0),
+            warm.max()
+        );
+    }
+    if let Some(line) = scheduler_summary(&scheduler) {
+        println!("{line}");
+    }
     println!(
         "rerun: cargo build --release -p ebb -p ebb-bench && target/release/ebb-cron-bench --functions {} --fires {}",
         args.functions, args.fires
     );
     Ok(())
+}
+
+/// The connector's `/metrics` text.
+async fn scrape(admin: std::net::SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: ebb\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("metrics scrape timed out"))??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The connector's own view: `ebb_cron_firing_error_seconds` (fire started −
+/// scheduled), as bucket bounds that hold half and 99 % of the fires.
+fn scheduler_summary(metrics: &str) -> Option<String> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("ebb_cron_firing_error_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.trim().parse().ok()?));
+    }
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let at = |q: f64| {
+        let want = (q * total as f64).ceil() as u64;
+        buckets
+            .iter()
+            .find(|b| b.1 >= want)
+            .map_or(f64::INFINITY, |b| b.0 * 1e3)
+    };
+    Some(format!(
+        "connector: {total} fires started (fire start - scheduled) p50 <= {:.3} ms, p99 <= {:.3} ms (histogram bucket bounds)",
+        at(0.5),
+        at(0.99)
+    ))
 }
 
 /// SIGTERM by pid, through `kill(1)` so this crate needs no signal bindings.
