@@ -1,8 +1,11 @@
 //! The cron connector: invokes functions on their `schedule`.
 //!
-//! Each scheduled function has one task that sleeps until its next instant
-//! (no polling) and fires one delivery through the shared [`Engine`]:
-//! retries, dead letters and wake-ups from zero work as for broker events.
+//! Each scheduled function has one task that waits for its next instant and
+//! fires one delivery through the shared [`Engine`]: retries, dead letters
+//! and wake-ups from zero work as for broker events. Functions due at the
+//! same instant share one timer, which sleeps until shortly before it and
+//! yields for the last few milliseconds (tokio's timers alone wake 1–2 ms
+//! late); each tick's event is built before its instant.
 //! The event's `ce-id` is `{namespace}/{function}@{scheduled instant}`, its
 //! `ce-time` the scheduled instant, so a repeat after a failover is
 //! recognisable.
