@@ -540,6 +540,17 @@ fn finished_of(counts: &[(f64, Option<u64>)]) -> Option<u64> {
         .and_then(|(_, finished)| finished)
 }
 
+/// Whether `position` moved since the last poll that read one; unknown
+/// (`None`) is no evidence of work and keeps the last position.
+fn moved(last: &mut HashMap<String, u64>, key: &str, position: Option<u64>) -> bool {
+    match position {
+        Some(p) => last
+            .insert(key.to_string(), p)
+            .is_some_and(|before| before != p),
+        None => false,
+    }
+}
+
 /// HPA targets per namespace, listed at most once per poll (and only when a
 /// function of that namespace is about to be scaled).
 type HpaCache = Mutex<
@@ -572,12 +583,11 @@ async fn poll(
         };
         let seen = Instant::now();
         let (inputs, delivered, finished, cap) = observe(f, w, scalers, &s.metrics).await;
+        // Work done since the last poll: JetStream's delivered position, or
+        // else the finished count of a RabbitMQ or Kafka input, moved.
         let activity = {
             let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
-            match delivered {
-                Some(d) => last.insert(key.clone(), d).is_some_and(|prev| prev != d),
-                None => false,
-            }
+            moved(&mut last, &key, delivered.or(finished))
         };
         if inputs.is_empty() {
             return; // nothing to scale by (e.g. a cron-only function)
@@ -892,7 +902,22 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::finished_of;
+    use super::{finished_of, moved};
+    use std::collections::HashMap;
+
+    #[test]
+    fn activity_is_a_position_that_moved_and_unknown_is_no_evidence() {
+        let mut last = HashMap::new();
+        // The first reading only sets the position.
+        assert!(!moved(&mut last, "a", Some(5)));
+        assert!(!moved(&mut last, "a", Some(5)));
+        assert!(moved(&mut last, "a", Some(8)));
+        // Unknown keeps the last position: the next reading compares with 8.
+        assert!(!moved(&mut last, "a", None));
+        assert!(moved(&mut last, "a", Some(9)));
+        assert!(!moved(&mut last, "b", None));
+        assert!(!last.contains_key("b"));
+    }
 
     #[test]
     fn the_finished_count_is_the_largest_inputs() {
