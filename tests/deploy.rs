@@ -87,6 +87,31 @@ fn rbac_of(method: &str, path: &str, query: &str) -> (String, String, String) {
     (group, resource, verb.to_string())
 }
 
+/// What the service account `account` may do: its ClusterRole of the same
+/// name, plus the Lease Role in the namespace the Deployments pass as
+/// --lease-namespace, which must be bound to it.
+fn account_rules(account: &str) -> BTreeSet<(String, String, String)> {
+    let manifests = docs("deploy/kubernetes/ebb.yaml");
+    let find = |k: &str, n: &str| {
+        manifests
+            .iter()
+            .find(|d| kind(d) == k && name(d) == n)
+            .unwrap_or_else(|| panic!("no {k} {n}"))
+            .clone()
+    };
+    let mut rules = allowed(&find("ClusterRole", account));
+    assert!(
+        find("RoleBinding", "ebb-leases")["subjects"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == account),
+        "the Lease Role is not bound to {account}"
+    );
+    rules.extend(allowed(&find("Role", "ebb-leases")));
+    rules
+}
+
 /// Every request the double recorded is allowed by `rules`; returns what
 /// they needed.
 fn check_requests(
@@ -234,25 +259,7 @@ async fn every_container_argument_list_parses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_autoscaler_role_allows_every_request_it_makes() {
-    let manifests = docs("deploy/kubernetes/ebb.yaml");
-    let role = |k: &str, n: &str| {
-        manifests
-            .iter()
-            .find(|d| kind(d) == k && name(d) == n)
-            .unwrap_or_else(|| panic!("no {k} {n}"))
-    };
-    let mut rules = allowed(role("ClusterRole", "ebb-autoscaler"));
-    // The lease Role is bound to the autoscaler's account in the namespace
-    // the Deployment passes as --lease-namespace.
-    let binding = role("RoleBinding", "ebb-leases");
-    assert!(
-        binding["subjects"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .any(|s| s["name"] == "ebb-autoscaler")
-    );
-    rules.extend(allowed(role("Role", "ebb-leases")));
+    let rules = account_rules("ebb-autoscaler");
 
     // A function scaled by a Prometheus value, with a pod whose workers'
     // in-flight count is read.
@@ -319,22 +326,7 @@ async fn the_autoscaler_role_allows_every_request_it_makes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connector_role_allows_every_request_the_cron_connector_makes() {
-    let manifests = docs("deploy/kubernetes/ebb.yaml");
-    let find = |k: &str, n: &str| {
-        manifests
-            .iter()
-            .find(|d| kind(d) == k && name(d) == n)
-            .unwrap_or_else(|| panic!("no {k} {n}"))
-    };
-    let mut rules = allowed(find("ClusterRole", "ebb-connector"));
-    assert!(
-        find("RoleBinding", "ebb-leases")["subjects"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .any(|s| s["name"] == "ebb-connector")
-    );
-    rules.extend(allowed(find("Role", "ebb-leases")));
+    let rules = account_rules("ebb-connector");
 
     // A function on a schedule, and one with a bad schedule (a Warning Event).
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

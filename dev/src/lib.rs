@@ -132,7 +132,8 @@ impl Dev {
             .get()
     }
 
-    /// Sets the replica and backlog gauges to what they are now.
+    /// Sets the replica gauges to the scale at this moment (the backlog
+    /// gauge is what the policy last saw, set by its loop).
     pub(crate) async fn refresh_gauges(&self) {
         let functions = self
             .stack
@@ -142,15 +143,11 @@ impl Dev {
             .clone();
         for f in functions.iter().filter(|f| !f.command.is_empty()) {
             let n = self.replicas.count(&f.name).await;
-            let label = FnLabel {
-                function: f.name.clone(),
-            };
-            self.replicas_gauge.get_or_create(&label).set(i64::from(n));
-            if let Some(b) = self.bus.backlog(&f.name) {
-                self.backlog_gauge
-                    .get_or_create(&label)
-                    .set(i64::try_from(b).unwrap_or(i64::MAX));
-            }
+            self.replicas_gauge
+                .get_or_create(&FnLabel {
+                    function: f.name.clone(),
+                })
+                .set(i64::from(n));
         }
     }
 
@@ -204,7 +201,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     );
     registry.register(
         "ebb_dev_backlog",
-        "Events waiting for or in delivery, per function",
+        "Backlog the scaling policy last saw, per function",
         backlog_gauge.clone(),
     );
     let engine = Arc::new(
@@ -417,8 +414,6 @@ async fn scale_loop(
                 }
                 dev.replicas.scale(f, to).await;
             }
-            let now = dev.replicas.count(&f.name).await;
-            dev.replicas_gauge.get_or_create(&label).set(i64::from(now));
         }
     }
 }
