@@ -281,7 +281,12 @@ pub fn catch_up(
     // Only a tick within the allowance may fire: look for the latest one
     // there, in windows growing backwards from now so that a long deadline
     // on a per-second schedule stays cheap.
-    let window_start = last.max(now - allowance);
+    // A huge starting deadline reaches back past chrono's range: the
+    // earliest representable instant then.
+    let window_start = last.max(
+        now.checked_sub_signed(allowance)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+    );
     let mut fire = None;
     let mut width = chrono::Duration::seconds(2);
     for _ in 0..64 {
@@ -985,6 +990,19 @@ mod tests {
                 "last {last} now {now} deadline {deadline}s"
             );
         }
+    }
+
+    #[test]
+    fn a_starting_deadline_beyond_the_calendar_does_not_panic() {
+        let s = Schedule::parse("0 * * * * *", "UTC").unwrap();
+        let got = catch_up(
+            &s,
+            at("2026-11-25T10:00:00Z"),
+            at("2026-11-25T10:03:00.5Z"),
+            Duration::from_secs(10_000_000_000_000),
+        );
+        assert_eq!(got.fire, Some(at("2026-11-25T10:03:00Z")));
+        assert_eq!(got.missed, 2);
     }
 
     #[test]

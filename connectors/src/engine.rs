@@ -372,7 +372,7 @@ impl Engine {
             .as_ref()
             .and_then(|r| r.0.endpoints(&spec));
         let raw = match &endpoints {
-            // Replicas are picked per call; the URL only names the path.
+            // Replicas are picked per call; this placeholder is never called.
             Some(_) => "http://127.0.0.1/".to_string(),
             None => function_url(&spec),
         };
@@ -427,8 +427,6 @@ impl Engine {
     /// One call of `event` to `f`.
     pub async fn call(&self, t: &Target, event: &Event, attempt: u32) -> CallResult {
         let f = &*t.spec;
-        let now_unix = chrono::Utc::now().timestamp();
-        let headers = delivery_headers(event, attempt, self.config.signer.as_ref(), now_unix);
         let uri = match &t.endpoints {
             None => t.uri.clone(),
             Some(e) => match e.pick() {
@@ -439,6 +437,8 @@ impl Engine {
                 }
             },
         };
+        let now_unix = chrono::Utc::now().timestamp();
+        let headers = delivery_headers(event, attempt, self.config.signer.as_ref(), now_unix);
         let started = Instant::now();
         let mut req = http::Request::new(Full::new(event.body.clone()));
         *req.method_mut() = http::Method::POST;
@@ -554,7 +554,9 @@ impl Engine {
                         tracing::warn!(function = %function, position = %event.position, error = %e, "ack failed; the event will be redelivered");
                     }
                     t.m.delivered.inc();
-                    if t.woken.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    if t.woken.load(std::sync::atomic::Ordering::Relaxed)
+                        && t.woken.swap(false, std::sync::atomic::Ordering::Relaxed)
+                    {
                         self.waker.forget(f);
                     }
                     return;
@@ -568,7 +570,12 @@ impl Engine {
                         })
                         .inc();
                     if hold != Hold::Busy {
-                        t.woken.store(true, std::sync::atomic::Ordering::Relaxed);
+                        // Only a function with no replica is a cold start
+                        // whose wake-up a later delivery may reset; a
+                        // draining pod among serving ones is not.
+                        if hold == Hold::NoReplica {
+                            t.woken.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         self.waker.wake(f);
                     }
                     let since = *hold_since.get_or_insert_with(Instant::now);
@@ -580,7 +587,10 @@ impl Engine {
                         let pause = hold_delay;
                         hold_delay = (hold_delay * 2).min(Duration::from_secs(1));
                         let paused = match (&t.endpoints, hold) {
-                            (Some(e), Hold::NoReplica) => {
+                            // None ready: go as soon as one is. (A listed
+                            // replica that refused the connection waits the
+                            // pause, or this would spin until it is removed.)
+                            (Some(e), Hold::NoReplica) if e.pick().is_none() => {
                                 tokio::select! {
                                     r = self.pause_extending(&mut d, &mut extended, pause) => r,
                                     () = e.ready() => !self.stopping.is_cancelled(),
