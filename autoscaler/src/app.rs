@@ -292,10 +292,6 @@ fn time_cold_start(
     });
 }
 
-fn workload_ref(w: &ebb_kube::Workload) -> WorkloadRef {
-    WorkloadRef::new(w.kind, w.namespace.clone(), w.name.clone())
-}
-
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_/health", get(|| async { "ok\n" }))
@@ -345,7 +341,7 @@ async fn wake(
     let Some(spec) = spec else {
         return (StatusCode::NOT_FOUND, format!("no function {key}\n"));
     };
-    let Some(w) = s.workloads.borrow().get(&key).map(workload_ref) else {
+    let Some(w) = s.workloads.borrow().get(&key).map(WorkloadRef::from) else {
         return (StatusCode::NOT_FOUND, format!("no workload for {key}\n"));
     };
     if spec.paused {
@@ -447,15 +443,7 @@ async fn observe(
                 Some(r.backlog)
             }
             Err(e) => {
-                metrics
-                    .scaler_errors
-                    .get_or_create(&ScalerLabel {
-                        function: key.clone(),
-                        scaler: "nats",
-                        error: e.metric_label(),
-                    })
-                    .inc();
-                tracing::debug!(function = %key, error = %e, "backlog unknown");
+                error("nats", e.metric_label(), &e);
                 None
             }
         };
@@ -476,15 +464,7 @@ async fn observe(
         let value = match r {
             Ok(v) => Some(v),
             Err(e) => {
-                metrics
-                    .scaler_errors
-                    .get_or_create(&ScalerLabel {
-                        function: key.clone(),
-                        scaler: "prometheus",
-                        error: e.metric_label(),
-                    })
-                    .inc();
-                tracing::debug!(function = %key, error = %e, "prometheus value unknown");
+                error("prometheus", e.metric_label(), &e);
                 None
             }
         };
@@ -635,6 +615,14 @@ async fn poll(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|k, _| live.contains(k));
+    if let Some(kafka) = &scalers.kafka {
+        let groups: std::collections::HashSet<String> = catalog
+            .functions
+            .iter()
+            .map(|f| f.spec.consumer_group_name())
+            .collect();
+        kafka.retain(|group| groups.contains(group));
+    }
     if let Some(inflight) = &scalers.inflight {
         inflight.retain(|kind, namespace, name| {
             workloads
@@ -695,7 +683,7 @@ async fn apply(
             }
         })
         .await;
-    let wr = workload_ref(w);
+    let wr = WorkloadRef::from(w);
     if targets.contains(&(wr.kind, wr.name.clone())) {
         s.target.warn_hpa(&wr).await;
         return;

@@ -137,13 +137,15 @@ impl KafkaScaler {
         }
     }
 
-    /// Forgets the client of `group` (e.g. when its function is deleted).
-    pub fn forget(&self, group: &str) {
-        self.lock().remove(group);
+    /// Keeps the clients and remembered commits of the groups `keep`
+    /// accepts and drops the others (groups of deleted functions), so
+    /// neither consumers nor their broker connections pile up.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|group, _| keep(group));
         self.commits
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(group);
+            .retain(|group, _| keep(group));
     }
 
     /// The lag of `f`'s consumer group.
@@ -364,6 +366,20 @@ fn partition_lag(committed: Offset, low: i64, high: i64, reset: OffsetReset) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retain_drops_the_commits_of_groups_no_longer_served() {
+        let k = KafkaScaler::new("127.0.0.1:9", OffsetReset::Latest, Duration::from_secs(1));
+        for g in ["ebb-default-a", "ebb-default-b"] {
+            k.commits
+                .lock()
+                .unwrap()
+                .insert(g.to_string(), Commits::new());
+        }
+        k.retain(|g| g == "ebb-default-a");
+        let left: Vec<String> = k.commits.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, ["ebb-default-a"]);
+    }
 
     #[test]
     fn lag_of_one_partition() {
