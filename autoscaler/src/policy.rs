@@ -123,6 +123,16 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
+    /// Adds a recommendation and forgets those older than the window,
+    /// keeping one from before it: it says what was recommended when the
+    /// window began.
+    fn remember(&mut self, now: Instant, replicas: u32, window: Duration) {
+        self.history.push_back((now, replicas));
+        while self.history.len() >= 2 && now.duration_since(self.history[1].0) >= window {
+            self.history.pop_front();
+        }
+    }
+
     /// Measured arrivals (messages a second), if any.
     pub fn arrivals(&self) -> Option<f64> {
         self.rates.arrivals
@@ -253,7 +263,9 @@ impl Rates {
 
     /// Records that the count went from `current` to `to` at `now`.
     fn ordered(&mut self, now: Instant, current: u32, to: u32) {
-        if to > current {
+        // A count asked for again (its patch did not land) is one order,
+        // not another entry each poll.
+        if to > current && self.orders.back().is_none_or(|&(_, n)| n < to) {
             self.orders.push_back((now, to));
         } else if to < current {
             self.orders.retain(|&(_, n)| n <= to);
@@ -593,7 +605,7 @@ fn decide_inner(
         let work = max_value > spec.activation.max(0.0);
         if work || spec.min > 0 {
             let replicas = clamp(want.max(1));
-            st.history.push_back((now, replicas));
+            st.remember(now, replicas, spec.scale_down_window);
             let reason = if work {
                 Reason::Wake {
                     input,
@@ -628,7 +640,7 @@ fn decide_inner(
         && st.rates.per_replica.is_none()
         && by_backlog > current;
     if blind_starting {
-        st.history.push_back((now, current));
+        st.remember(now, current, spec.scale_down_window);
         return hold(Reason::Starting {
             ready: serving.ready.unwrap_or(current),
             replicas: current,
@@ -652,12 +664,7 @@ fn decide_inner(
             capped,
         },
     };
-    st.history.push_back((now, rec));
-    // Keep one entry from before the window: it says what was recommended
-    // when the window began.
-    while st.history.len() >= 2 && now.duration_since(st.history[1].0) >= spec.scale_down_window {
-        st.history.pop_front();
-    }
+    st.remember(now, rec, spec.scale_down_window);
 
     if spec.min == 0
         && let Some(since) = st.idle_since
@@ -782,6 +789,34 @@ mod tests {
                 (62, Some(0.0), Some(0.0), 0, "idle_to_zero"),
                 (63, Some(0.0), Some(0.0), 0, "idle"),
             ],
+        );
+    }
+
+    #[test]
+    fn a_scale_that_never_lands_does_not_grow_the_state() {
+        // Backlog asks for 8 every second for an hour; the patch keeps
+        // failing, so the count stays 1 and no replica gets ready.
+        let s = spec();
+        let mut st = PolicyState::default();
+        let t0 = Instant::now();
+        for i in 0..3600 {
+            let serving = Serving {
+                ready: Some(1),
+                delivered: Some(i),
+            };
+            decide_with(
+                &obs(Some(200.0), Some(0.0), 1),
+                serving,
+                &s,
+                &mut st,
+                t0 + Duration::from_secs(i),
+            );
+        }
+        assert!(st.history.len() <= 62, "history {}", st.history.len());
+        assert!(
+            st.rates.orders.len() <= 1,
+            "orders {}",
+            st.rates.orders.len()
         );
     }
 
