@@ -113,12 +113,15 @@ pub struct Serving {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyState {
     /// Recommendations within the stabilization window, oldest first.
-    history: VecDeque<(Instant, u32)>,
+    history: VecDeque<Rec>,
     /// Since when every input has been zero.
     idle_since: Option<Instant>,
     unknown_streak: u32,
     /// The count seen at the previous decision.
     last_current: Option<u32>,
+    /// A wake went beyond the usual rate cap before any rate was measured:
+    /// recommendations are kept for [`PolicyState::revise`] until one is.
+    leap: bool,
     rates: Rates,
 }
 
@@ -126,10 +129,55 @@ impl PolicyState {
     /// Adds a recommendation and forgets those older than the window,
     /// keeping one from before it: it says what was recommended when the
     /// window began.
-    fn remember(&mut self, now: Instant, replicas: u32, window: Duration) {
-        self.history.push_back((now, replicas));
-        while self.history.len() >= 2 && now.duration_since(self.history[1].0) >= window {
+    fn remember(&mut self, now: Instant, replicas: u32, blind: Option<f64>, window: Duration) {
+        self.history.push_back(Rec {
+            at: now,
+            replicas,
+            blind,
+        });
+        while self.history.len() >= 2 && now.duration_since(self.history[1].at) >= window {
             self.history.pop_front();
+        }
+    }
+
+    /// Once the rates are measured, caps each recommendation made without
+    /// them since a wake's leap at what they ask for the backlog seen then,
+    /// started from zero. The wake is the one step not rate-capped, so a
+    /// first burst sized by `backlog / target` before any replica's
+    /// throughput was known would otherwise be held at that size for a
+    /// whole window after the rates showed it was more than needed; the
+    /// window holds what the load needed, by the best estimate there is.
+    /// Capped steps are left as they are: the window is there to hold them.
+    fn revise(&mut self, now: Instant, target: f64, upper: u32, floor: impl Fn(u32) -> u32) {
+        if self.rates.arrivals.is_none() || self.rates.per_replica.is_none() {
+            return;
+        }
+        self.leap = false;
+        for i in 0..self.history.len() {
+            let Some(backlog) = self.history[i].blind else {
+                continue;
+            };
+            let Some(r) = self.rates.recommend(now, backlog, target, 0, 0, upper) else {
+                return;
+            };
+            let rec = &mut self.history[i];
+            rec.replicas = rec.replicas.min(floor(r.replicas));
+            rec.blind = None;
+        }
+    }
+
+    /// Marks the window before a wake as known: the function was at zero
+    /// (the history was cleared when it went there), so the wake's
+    /// recommendations are the window's, with nothing older to wait for.
+    fn woke(&mut self, now: Instant, window: Duration) {
+        if let Some(before) = now.checked_sub(window)
+            && self.history.front().is_none_or(|r| r.at > before)
+        {
+            self.history.push_front(Rec {
+                at: before,
+                replicas: 0,
+                blind: None,
+            });
         }
     }
 
@@ -147,6 +195,16 @@ impl PolicyState {
     pub fn cold_start(&self) -> Option<Duration> {
         self.rates.cold_start.map(Duration::from_secs_f64)
     }
+}
+
+/// One recommendation in the stabilization window.
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    at: Instant,
+    replicas: u32,
+    /// The backlog it was sized for, while it was sized without measured
+    /// rates (until [`PolicyState::revise`]).
+    blind: Option<f64>,
 }
 
 /// One poll as the rate estimates remember it.
@@ -588,6 +646,9 @@ fn decide_inner(
     }
     let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
     st.rates.observe(now, value, current, serving);
+    let measured = st.rates.arrivals.is_some() && st.rates.per_replica.is_some();
+    // The usual cap on a step up from `n`.
+    let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
     let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
     if idle {
         st.idle_since.get_or_insert(now);
@@ -605,7 +666,9 @@ fn decide_inner(
         let work = max_value > spec.activation.max(0.0);
         if work || spec.min > 0 {
             let replicas = clamp(want.max(1));
-            st.remember(now, replicas, spec.scale_down_window);
+            st.leap = !measured && replicas > step_cap(0);
+            let blind = st.leap.then_some(value);
+            st.remember(now, replicas, blind, spec.scale_down_window);
             let reason = if work {
                 Reason::Wake {
                     input,
@@ -623,6 +686,10 @@ fn decide_inner(
     // While replicas run, the recommendation never drops below one: only
     // the idle timer takes a function to zero.
     let floor = |n: u32| clamp(n).max(1.min(upper));
+    if woken {
+        st.woke(now, spec.scale_down_window);
+    }
+    st.revise(now, target, upper, floor);
     let by_backlog = floor(want);
     let ready = serving.ready.unwrap_or(current);
     let by_rate = st
@@ -640,7 +707,8 @@ fn decide_inner(
         && st.rates.per_replica.is_none()
         && by_backlog > current;
     if blind_starting {
-        st.remember(now, current, spec.scale_down_window);
+        let blind = st.leap.then_some(value);
+        st.remember(now, current, blind, spec.scale_down_window);
         return hold(Reason::Starting {
             ready: serving.ready.unwrap_or(current),
             replicas: current,
@@ -664,13 +732,18 @@ fn decide_inner(
             capped,
         },
     };
-    st.remember(now, rec, spec.scale_down_window);
+    if woken && !measured && rec > step_cap(current) {
+        st.leap = true;
+    }
+    let blind = st.leap.then_some(value);
+    st.remember(now, rec, blind, spec.scale_down_window);
 
     if spec.min == 0
         && let Some(since) = st.idle_since
         && now.duration_since(since) >= spec.scale_to_zero_after
     {
         st.history.clear();
+        st.leap = false;
         return set(
             current,
             0,
@@ -681,20 +754,16 @@ fn decide_inner(
     }
 
     if rec > current {
-        let cap = if woken {
-            u32::MAX
-        } else {
-            current.saturating_mul(2).max(current.saturating_add(4))
-        };
+        let cap = if woken { u32::MAX } else { step_cap(current) };
         let replicas = rec.min(cap);
         return set(current, replicas, reason(replicas, replicas < rec));
     }
     if rec < current {
-        let window_max = st.history.iter().map(|(_, r)| *r).max().unwrap_or(rec);
+        let window_max = st.history.iter().map(|r| r.replicas).max().unwrap_or(rec);
         let window_full = st
             .history
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= spec.scale_down_window);
+            .is_some_and(|r| now.duration_since(r.at) >= spec.scale_down_window);
         if window_max < current && window_full {
             return set(current, window_max, reason(window_max, false));
         }
@@ -1115,6 +1184,68 @@ mod tests {
 
         // Without the wake, the same backlog at one replica is rate-capped.
         walk_rates(&rate_spec(), 1, &[(1, 200.0, 0, 1, 5, "work_rate_capped")]);
+    }
+
+    #[test]
+    fn a_first_burst_sized_blind_is_held_at_what_the_rates_say_it_needed() {
+        // 400 messages at once at a function at zero, nothing measured yet.
+        walk_rates(
+            &rate_spec(),
+            0,
+            &[
+                (0, 1.0, 0, 0, 1, "wake"),
+                // Sized by the backlog alone: ceil(400 / 10) = 40.
+                (1, 400.0, 0, 0, 40, "work"),
+                (2, 400.0, 0, 1, 40, "steady"),
+                // Measured: 10/s a replica, ready 2 s after asked for, no
+                // more arriving. From zero, 400 messages started within
+                // 2 s + 2 × 10 / 10 s take 20 replicas, not 40: the window
+                // holds 20 from now (it began at the wake; the function
+                // was at zero before), not 40 for a minute.
+                (3, 390.0, 10, 40, 20, "rate"),
+                (4, 190.0, 210, 20, 20, "stabilizing"),
+                (5, 0.0, 400, 20, 20, "stabilizing"),
+                (62, 0.0, 400, 20, 20, "stabilizing"),
+                (66, 0.0, 400, 20, 0, "idle_to_zero"),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_capped_step_after_a_wake_is_held_for_the_window() {
+        // Only a wake's leap past the rate cap is revised: a step within
+        // the cap is held as the window holds any, though the rates
+        // measured later say one replica would do.
+        walk_rates(
+            &rate_spec(),
+            0,
+            &[
+                (0, 1.0, 0, 0, 1, "wake"),
+                (1, 5.0, 0, 0, 1, "steady"),
+                (2, 15.0, 0, 1, 2, "work"),
+                // 10/s a replica, 5/s arriving: one keeps up.
+                (3, 10.0, 10, 1, 2, "stabilizing"),
+                (4, 0.0, 20, 2, 2, "stabilizing"),
+                (40, 0.0, 20, 2, 2, "stabilizing"),
+            ],
+        );
+    }
+
+    #[test]
+    fn revision_only_ever_lowers_a_blind_recommendation() {
+        let base = Instant::now();
+        let mut st = PolicyState::default();
+        let window = Duration::from_secs(60);
+        st.remember(base, 4, Some(40.0), window);
+        st.remember(base, 30, Some(400.0), window);
+        // 100 messages a second arrive, a replica serves 10: keeping up
+        // takes ceil(110 / 10) = 11, more than 4 and fewer than 30.
+        st.rates.arrivals = Some(100.0);
+        st.rates.per_replica = Some(10.0);
+        st.rates.cold_start = Some(2.0);
+        st.revise(base, 10.0, 50, |n| n.max(1));
+        let kept: Vec<_> = st.history.iter().map(|r| (r.replicas, r.blind)).collect();
+        assert_eq!(kept, [(4, None), (20, None)]);
     }
 
     #[test]
