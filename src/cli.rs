@@ -196,6 +196,15 @@ struct NatsArgs {
     nats_tls_required: bool,
 }
 
+#[derive(Debug, Args)]
+struct AmqpArgs {
+    #[command(flatten)]
+    common: ConnectorArgs,
+    /// The topic exchange topics are published to (declared durable).
+    #[arg(long, env = "EBB_EXCHANGE", default_value = "ebb")]
+    exchange: String,
+}
+
 /// Leader election among replicas (with --kubernetes).
 #[derive(Debug, Args)]
 struct LeaseArgs {
@@ -246,10 +255,10 @@ struct CronArgs {
 enum ConnectorKind {
     /// NATS JetStream (or core NATS).
     Nats(Box<NatsArgs>),
-    /// RabbitMQ (AMQP 0-9-1) (not implemented yet).
-    Amqp(ConnectorArgs),
+    /// RabbitMQ (AMQP 0-9-1).
+    Amqp(Box<AmqpArgs>),
     /// Kafka (not implemented yet).
-    Kafka(ConnectorArgs),
+    Kafka(Box<ConnectorArgs>),
     /// Cron schedules.
     Cron(Box<CronArgs>),
 }
@@ -432,8 +441,13 @@ struct PublishArgs {
     /// With --nats: a plain core NATS publish, no stream ack.
     #[arg(long)]
     core: bool,
+    /// Publish to RabbitMQ at this URL (amqp://user:pass@host:5672/vhost),
+    /// waiting for the broker's confirm.
     #[arg(long, env = "EBB_AMQP_URL")]
     amqp: Option<String>,
+    /// With --amqp: the exchange the connector uses.
+    #[arg(long, env = "EBB_EXCHANGE", default_value = "ebb", requires = "amqp")]
+    exchange: String,
     #[arg(long, env = "EBB_KAFKA_BROKERS")]
     kafka: Option<String>,
     #[arg(long, env = "EBB_DEV_URL")]
@@ -489,6 +503,7 @@ impl Cli {
             Command::Connector(kind) => match *kind {
                 ConnectorKind::Nats(args) => run_nats(*args).await,
                 ConnectorKind::Cron(args) => run_cron(*args).await,
+                ConnectorKind::Amqp(args) => run_amqp(*args).await,
                 kind => not_implemented(match kind {
                     ConnectorKind::Nats(_) => "connector nats",
                     ConnectorKind::Amqp(_) => "connector amqp",
@@ -757,11 +772,36 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
         }
         return publish_dev(dev, &args.topic, headers, body).await;
     }
-    let Some(url) = args.nats.clone() else {
-        if args.amqp.is_some() || args.kafka.is_some() {
-            return not_implemented("publish (--nats and --dev work today)");
+    if let Some(url) = &args.amqp {
+        if args.nats.is_some() || args.kafka.is_some() {
+            return config_error("publish", "give one of --dev, --nats, --amqp, --kafka");
         }
-        return config_error("publish", "say where to publish: --dev URL or --nats URL");
+        let publish =
+            ebb_connectors::amqp::publish(url, &args.exchange, &args.topic, &headers, body.into());
+        return match tokio::time::timeout(Duration::from_secs(10), publish).await {
+            Ok(Ok(())) => {
+                eprintln!("published to {} (confirmed)", args.topic);
+                ExitCode::SUCCESS
+            }
+            Ok(Err(e)) if e.is_config() => config_error("publish", e),
+            Ok(Err(e)) => {
+                eprintln!("ebb publish: {e}");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("ebb publish: no confirm from RabbitMQ within 10s");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(url) = args.nats.clone() else {
+        if args.kafka.is_some() {
+            return not_implemented("publish --kafka (--nats, --amqp and --dev work today)");
+        }
+        return config_error(
+            "publish",
+            "say where to publish: --dev URL, --nats URL or --amqp URL",
+        );
     };
     let cfg = ebb_connectors::nats::NatsConfig {
         url,
@@ -797,6 +837,31 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ebb publish: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_amqp(args: AmqpArgs) -> ExitCode {
+    let common = match connector_common(&args.common, "ebb-connector-amqp") {
+        Ok(c) => c,
+        Err(e) => return config_error("connector amqp", e),
+    };
+    let cfg = ebb_connectors::amqp::AmqpConfig {
+        url: args
+            .common
+            .url
+            .clone()
+            .unwrap_or_else(|| ebb_connectors::amqp::AmqpConfig::default().url),
+        exchange: args.exchange,
+        max_inflight_total: args.common.max_inflight_total as usize,
+        drain_timeout: args.common.drain_timeout,
+    };
+    match ebb_connectors::app::run_amqp(common, cfg, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => config_error("connector amqp", e),
+        Err(e) => {
+            eprintln!("ebb connector amqp: {e}");
             ExitCode::FAILURE
         }
     }

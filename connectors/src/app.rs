@@ -199,6 +199,25 @@ pub async fn run_nats(
     r
 }
 
+/// Runs the AMQP connector process until `shutdown`.
+pub async fn run_amqp(
+    common: CommonOptions,
+    amqp: crate::amqp::AmqpConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let parts = Parts::start(common).await?;
+    let r = crate::amqp::run(
+        amqp,
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        parts.ready.clone(),
+        shutdown,
+    )
+    .await;
+    parts.stop().await;
+    r
+}
+
 /// Runs the cron connector process until `shutdown`: one instance from a
 /// stack file, or with Kubernetes discovery one of several replicas that
 /// elect a leader (see [`crate::cron`]).

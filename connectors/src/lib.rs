@@ -12,6 +12,7 @@
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod admin;
+pub mod amqp;
 pub mod app;
 pub mod catalog;
 pub mod cron;

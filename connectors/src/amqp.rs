@@ -1,0 +1,1077 @@
+//! The AMQP connector (RabbitMQ, AMQP 0-9-1): at-least-once.
+//!
+//! Topics are routing keys on one durable topic exchange (`ebb` unless
+//! `--exchange` says otherwise). Each function has its own durable queue
+//! (`ebb-{namespace}-{function}`, or the existing queue its `queue` setting
+//! names) bound to the exchange with its topics, so a message for two
+//! functions is a copy in each queue and each is acked on its own. A queue's
+//! consumer has a prefetch of a few times the function's delivery slots and
+//! takes a message into a call only when a slot is free (backpressure). A
+//! message is acked after a 2xx; a failed call is retried by the connector
+//! while the message stays unacked (RabbitMQ cannot requeue with a delay);
+//! a dead letter is published to the exchange with publisher confirms and
+//! `mandatory`, into a durable queue the connector binds for each
+//! dead-letter topic, and only then is the original acked. Unacked messages
+//! go back to their queue when the connection closes, so a crash loses
+//! nothing.
+//!
+//! NATS-style topics are translated into AMQP binding keys: `*` is one word
+//! in both, `>` becomes `#` (which in AMQP also matches zero words).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use ebb_model::{Catalog, FunctionSpec};
+use futures::StreamExt;
+use http::HeaderMap;
+use lapin::Confirmation;
+use lapin::message::Delivery as AmqpMessage;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::admin::Readiness;
+use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::event::Event;
+use crate::limit::{Limit, Permit};
+use crate::routing::validate_subject;
+
+/// Settings of the AMQP connector.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:5672/vhost`.
+    pub url: String,
+    /// The topic exchange topics are published to.
+    pub exchange: String,
+    /// Deliveries in flight across all functions.
+    pub max_inflight_total: usize,
+    /// How long in-flight calls may take to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "ebb".into(),
+            max_inflight_total: 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The AMQP binding key of a (NATS-style) topic.
+pub fn binding_key(topic: &str) -> String {
+    topic
+        .split('.')
+        .map(|w| if w == ">" { "#" } else { w })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The durable queue that keeps the dead letters of `destination` when no
+/// function subscribes to it: `ebb-dead-letters-{destination}`, every
+/// character outside `[A-Za-z0-9_.-]` replaced by `_`.
+pub fn dead_letter_queue(destination: &str) -> String {
+    let clean: String = destination
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("ebb-dead-letters-{clean}")
+}
+
+/// A name the broker accepts (at most 255 bytes), or a clear error.
+fn short(what: &str, s: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(s).map_err(|_| {
+        Error::Config(format!(
+            "{what} `{}…` is longer than AMQP's 255 bytes; use a shorter one",
+            s.chars().take(40).collect::<String>()
+        ))
+    })
+}
+
+/// Hides the password of an AMQP URL for logs and errors.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((auth, host)) => {
+                let user = auth.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Connects once; a malformed URL is a configuration error.
+async fn connect_once(url: &str, name: &str) -> Result<Connection, Error> {
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(|e| {
+        Error::Config(format!(
+            "--url {}: not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost",
+            redact(url)
+        ))
+    })?;
+    let props = ConnectionProperties::default()
+        .with_client_property("connection_name".into(), LongString::from(name));
+    Connection::connect_uri(uri, props)
+        .await
+        .map_err(|e| Error::Broker(format!("connect to {}: {e}", redact(url))))
+}
+
+/// Connects; retries until connected or `stop`.
+async fn connect(url: &str, name: &str, stop: &CancellationToken) -> Result<Connection, Error> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match connect_once(url, name).await {
+            Ok(c) => return Ok(c),
+            Err(e @ Error::Config(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(url = %redact(url), error = %e, ?delay, "cannot connect to RabbitMQ; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return Err(e),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// HTTP headers from an AMQP message's headers and properties. Strings and
+/// numbers pass; tables, arrays and byte arrays are left out.
+pub fn http_headers(props: &BasicProperties) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(table) = props.headers() {
+        for (name, value) in table {
+            let Ok(name) = http::HeaderName::from_bytes(name.as_str().as_bytes()) else {
+                continue;
+            };
+            let text = match value {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                AMQPValue::Boolean(b) => b.to_string(),
+                AMQPValue::ShortShortInt(n) => n.to_string(),
+                AMQPValue::ShortShortUInt(n) => n.to_string(),
+                AMQPValue::ShortInt(n) => n.to_string(),
+                AMQPValue::ShortUInt(n) => n.to_string(),
+                AMQPValue::LongInt(n) => n.to_string(),
+                AMQPValue::LongUInt(n) => n.to_string(),
+                AMQPValue::LongLongInt(n) => n.to_string(),
+                AMQPValue::Timestamp(n) => n.to_string(),
+                AMQPValue::Float(n) => n.to_string(),
+                AMQPValue::Double(n) => n.to_string(),
+                _ => continue,
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&text) {
+                out.append(name, v);
+            }
+        }
+    }
+    if let Some(ct) = props.content_type()
+        && !out.contains_key(http::header::CONTENT_TYPE)
+        && let Ok(v) = http::HeaderValue::from_str(ct.as_str())
+    {
+        out.insert(http::header::CONTENT_TYPE, v);
+    }
+    out
+}
+
+/// AMQP headers (and the content type property) from HTTP headers.
+pub fn amqp_properties(h: &HeaderMap) -> BasicProperties {
+    let mut table = BTreeMap::new();
+    let mut props = BasicProperties::default().with_delivery_mode(2);
+    for (name, value) in h {
+        if name == http::header::CONTENT_TYPE {
+            if let Ok(v) = value.to_str()
+                && let Ok(ct) = ShortString::try_new(v)
+            {
+                props = props.with_content_type(ct);
+            }
+            continue;
+        }
+        let Ok(key) = ShortString::try_new(name.as_str()) else {
+            continue;
+        };
+        table.insert(
+            key,
+            AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())),
+        );
+    }
+    props.with_headers(FieldTable::from(table))
+}
+
+/// Where the event entered RabbitMQ: the `timestamp` property (seconds) when
+/// the publisher set one, else now (first receipt).
+fn event_time(props: &BasicProperties) -> DateTime<Utc> {
+    props
+        .timestamp()
+        .and_then(|t| i64::try_from(t).ok())
+        .and_then(|t| DateTime::from_timestamp(t, 0))
+        .unwrap_or_else(Utc::now)
+}
+
+/// `ce-id`: the publisher's `message-id`, else a digest of what a
+/// redelivery repeats (routing key, timestamp, body), so the id is the same
+/// each time the message comes.
+fn event_id(msg: &AmqpMessage) -> String {
+    if let Some(id) = msg.properties.message_id()
+        && !id.as_str().is_empty()
+    {
+        return id.as_str().to_owned();
+    }
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(msg.routing_key.as_str().as_bytes());
+    h.update([0]);
+    h.update(msg.properties.timestamp().unwrap_or(0).to_be_bytes());
+    h.update(&msg.data);
+    let digest = h.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The event of an AMQP message taken from `queue`.
+fn amqp_event(msg: &AmqpMessage, queue: &str) -> Event {
+    Event {
+        id: event_id(msg),
+        source: format!("/ebb/amqp/{queue}"),
+        kind: "io.ebb.amqp.message".into(),
+        topic: msg.routing_key.as_str().to_owned(),
+        time: event_time(&msg.properties),
+        headers: http_headers(&msg.properties),
+        body: Bytes::from(msg.data.clone()),
+        position: format!("queue {queue} delivery tag {}", msg.delivery_tag),
+    }
+}
+
+/// The attempt number of a message: quorum queues count earlier deliveries
+/// in `x-delivery-count`; classic queues only say whether it is a
+/// redelivery, which the connector's own retries do not need.
+fn attempt_of(msg: &AmqpMessage) -> u32 {
+    let count = msg
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get("x-delivery-count"))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            _ => None,
+        })
+        .unwrap_or(0);
+    count.saturating_add(1)
+}
+
+/// An AMQP message being delivered. Retries wait in the engine while the
+/// message stays unacked; nothing is extended (RabbitMQ's consumer timeout
+/// is 30 minutes by default).
+struct AmqpDelivery {
+    msg: AmqpMessage,
+    attempt: u32,
+}
+
+impl Delivery for AmqpDelivery {
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    fn redelivers(&self) -> bool {
+        false
+    }
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+    async fn ack(&mut self) -> Result<(), Error> {
+        // A lost ack (connection drop) means a redelivery, never a loss.
+        self.msg
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Ack(e.to_string()))
+    }
+    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn in_progress(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn release(&mut self) -> Result<(), Error> {
+        self.msg
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Ack(e.to_string()))
+    }
+    async fn terminate(&mut self) -> Result<(), Error> {
+        // Dead-lettered (stored, confirmed) or given up: remove it.
+        self.ack().await
+    }
+}
+
+/// Publishes dead letters to the exchange with confirms and `mandatory`:
+/// `Ok` only when the broker stored the message in a queue.
+pub struct AmqpDeadLetters {
+    channel: Channel,
+    exchange: ShortString,
+}
+
+impl DeadLetterSink for AmqpDeadLetters {
+    async fn publish(
+        &self,
+        destination: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(), Error> {
+        let key = ShortString::try_new(destination)
+            .map_err(|e| Error::DeadLetter(format!("dead-letter topic {destination}: {e}")))?;
+        publish_confirmed(&self.channel, &self.exchange, key, &headers, &body)
+            .await
+            .map_err(|e| Error::DeadLetter(format!("publish to {destination}: {e}")))
+    }
+}
+
+/// Publishes persistently and waits for the broker's confirm; a message no
+/// queue took is an error.
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &ShortString,
+    key: ShortString,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), String> {
+    let id = format!("{:032x}", rand::random::<u128>());
+    let props = amqp_properties(headers)
+        .with_message_id(id.as_str().into())
+        .with_timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or(0));
+    let confirm = channel
+        .basic_publish(
+            exchange.clone(),
+            key.clone(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(format!(
+            "no queue is bound to `{key}` on exchange `{exchange}`, so the message was not stored"
+        )),
+        Confirmation::Nack(_) => Err("the broker refused to store it (nack)".into()),
+        Confirmation::NotRequested => Err("publisher confirms are off".into()),
+    }
+}
+
+/// One function's consumer.
+struct Running {
+    spec: Arc<FunctionSpec>,
+    limit: Arc<Limit>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn limit_for(spec: &FunctionSpec, ready: Option<u32>) -> usize {
+    spec.max_inflight as usize * ready.unwrap_or(1).max(1) as usize
+}
+
+/// Functions the connector serves: those with topics that are valid
+/// subjects, or an existing queue to consume.
+fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_model::Function> {
+    let mut out = Vec::new();
+    let mut bad = catalog.errors.len();
+    for f in &catalog.functions {
+        if f.spec.topics.is_empty() && f.spec.queue.is_none() {
+            continue;
+        }
+        let key = format!("{}/{}", f.spec.namespace, f.spec.name);
+        let topic_error = f.spec.topics.iter().find_map(|t| {
+            validate_subject(t).err().or_else(|| {
+                (t.len() > 255).then(|| format!("topic `{t}` is longer than 255 bytes"))
+            })
+        });
+        if let Some(err) = topic_error {
+            bad += 1;
+            tracing::error!(function = %key, error = %err, "skipping function: its topics are not valid routing keys");
+            continue;
+        }
+        if f.spec.queue_name().len() > 255 {
+            bad += 1;
+            tracing::error!(function = %key, "skipping function: its queue name is longer than 255 bytes; set a shorter `queue`");
+            continue;
+        }
+        out.push(f.clone());
+    }
+    metrics.config_errors.set(bad as i64);
+    metrics.functions.set(out.len() as i64);
+    out
+}
+
+/// The connection and what was set up on it.
+struct Session {
+    conn: Connection,
+    setup: Channel,
+    sink: Arc<AmqpDeadLetters>,
+    /// Dead-letter queues declared on this connection.
+    dead_queues: std::collections::HashSet<String>,
+    /// Fired when the connection or a consumer fails.
+    lost: Arc<Notify>,
+}
+
+async fn open_session(
+    cfg: &AmqpConfig,
+    exchange: &ShortString,
+    stop: &CancellationToken,
+) -> Result<Session, Error> {
+    let conn = connect(&cfg.url, "ebb-connector-amqp", stop).await?;
+    let lost = Arc::new(Notify::new());
+    {
+        let lost = lost.clone();
+        let mut events = conn.events_listener();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let lapin::Event::Error(e) = event {
+                    tracing::warn!(error = %e, "RabbitMQ connection failed");
+                    lost.notify_one();
+                    break;
+                }
+            }
+        });
+    }
+    let setup = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+    setup
+        .exchange_declare(
+            exchange.clone(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Error::Broker(format!("declare exchange {exchange}: {e}")))?;
+    let publisher = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::Broker(format!("publisher confirms: {e}")))?;
+    Ok(Session {
+        conn,
+        setup,
+        sink: Arc::new(AmqpDeadLetters {
+            channel: publisher,
+            exchange: exchange.clone(),
+        }),
+        dead_queues: Default::default(),
+        lost,
+    })
+}
+
+/// Runs the connector until `shutdown` resolves, then drains.
+pub async fn run(
+    cfg: AmqpConfig,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    ready: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let exchange = short("--exchange", &cfg.exchange)?;
+    // Malformed URLs are refused before anything else.
+    let _: lapin::uri::AMQPUri = cfg.url.parse().map_err(|e| {
+        Error::Config(format!(
+            "--url {}: not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost",
+            redact(&cfg.url)
+        ))
+    })?;
+    let stopping = engine.stopping().clone();
+    let global = Limit::new(cfg.max_inflight_total.max(1));
+    let tracker = TaskTracker::new();
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut session: Option<Session> = None;
+    let mut retry_in: Option<Duration> = None;
+
+    loop {
+        if session.is_none() {
+            let opened = tokio::select! {
+                s = open_session(&cfg, &exchange, &stopping) => s,
+                () = &mut shutdown => break,
+            };
+            match opened {
+                Ok(s) => session = Some(s),
+                Err(e @ Error::Config(_)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up RabbitMQ");
+                    retry_in = Some(next_retry(retry_in));
+                }
+            }
+        }
+        if let Some(s) = session.as_mut() {
+            let snapshot = catalog.borrow_and_update().clone();
+            let functions = routable(&snapshot, engine.metrics());
+            match reconcile(
+                &exchange,
+                s,
+                &functions,
+                &mut running,
+                &engine,
+                &global,
+                &tracker,
+            )
+            .await
+            {
+                Ok(()) => {
+                    ready.set(true);
+                    retry_in = None;
+                }
+                Err(e) => {
+                    engine.metrics().error(e.metric_label());
+                    let d = next_retry(retry_in);
+                    tracing::error!(error = %e, retry_in = ?d, "cannot set up queues and consumers");
+                    retry_in = Some(d);
+                }
+            }
+        }
+        let wait = retry_in.unwrap_or(Duration::from_secs(3600));
+        let lost = session.as_ref().map(|s| s.lost.clone());
+        tokio::select! {
+            r = catalog.changed() => {
+                if r.is_err() {
+                    shutdown.as_mut().await;
+                    break;
+                }
+            }
+            () = tokio::time::sleep(wait) => {}
+            () = async { match &lost { Some(l) => l.notified().await, None => std::future::pending().await } } => {
+                // Start over on a new connection: the broker has already
+                // requeued every unacked message of the old one.
+                ready.set(false);
+                tracing::warn!("RabbitMQ connection lost; reconnecting");
+                stop_all(&mut running).await;
+                if let Some(s) = session.take() {
+                    let _ = s.conn.close(200, "reconnecting".into()).await;
+                }
+                retry_in = Some(Duration::from_millis(100));
+            }
+            () = &mut shutdown => break,
+        }
+    }
+
+    // Drain: stop consuming, let calls finish, give back what is held.
+    tracing::info!(drain_timeout = ?cfg.drain_timeout, inflight = global.in_use(), "stopping: no more deliveries taken; finishing in-flight calls");
+    ready.set(false);
+    stop_all(&mut running).await;
+    stopping.cancel();
+    tracker.close();
+    let drained = tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(
+            left = global.in_use(),
+            "drain timeout passed; unfinished messages go back to their queues"
+        );
+    }
+    if let Some(s) = session {
+        // Closing requeues whatever is still unacked.
+        if let Err(e) = s.conn.close(200, "ebb connector stopping".into()).await {
+            tracing::warn!(error = %e, "cannot close the RabbitMQ connection cleanly");
+        }
+    }
+    Ok(())
+}
+
+fn next_retry(prev: Option<Duration>) -> Duration {
+    prev.map_or(Duration::from_millis(500), |d| {
+        (d * 2).min(Duration::from_secs(10))
+    })
+}
+
+/// Stops every consumer and waits for their loops.
+async fn stop_all(running: &mut HashMap<String, Running>) {
+    for r in running.values() {
+        r.stop.cancel();
+    }
+    for (_, mut r) in running.drain() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a consumer did not stop within 5s");
+            r.task.abort();
+        }
+    }
+}
+
+async fn reconcile(
+    exchange: &ShortString,
+    s: &mut Session,
+    functions: &[ebb_model::Function],
+    running: &mut HashMap<String, Running>,
+    engine: &Arc<Engine>,
+    global: &Arc<Limit>,
+    tracker: &TaskTracker,
+) -> Result<(), Error> {
+    // Dead letters are kept in a queue of their own even before anyone
+    // subscribes to them.
+    for dest in functions
+        .iter()
+        .filter_map(|f| f.spec.dead_letter.as_deref())
+    {
+        if s.dead_queues.contains(dest) {
+            continue;
+        }
+        let queue = short("dead-letter queue", &dead_letter_queue(dest))?;
+        let key = short("dead-letter topic", dest)?;
+        s.setup
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("declare dead-letter queue {queue}: {e}")))?;
+        s.setup
+            .queue_bind(
+                queue.clone(),
+                exchange.clone(),
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("bind dead-letter queue {queue}: {e}")))?;
+        s.dead_queues.insert(dest.to_owned());
+    }
+
+    // Stop what is gone or changed.
+    let wanted: HashMap<String, &ebb_model::Function> =
+        functions.iter().map(|f| (f.key(), f)).collect();
+    let gone: Vec<String> = running
+        .iter()
+        .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in gone {
+        let Some(mut r) = running.remove(&key) else {
+            continue;
+        };
+        r.stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
+            .await
+            .is_err()
+        {
+            r.task.abort();
+        }
+        let now = wanted.get(&key).map(|f| &f.spec);
+        tracing::info!(function = %key, removed = now.is_none(), "stopping consumer");
+        if r.spec.queue.is_some() {
+            // An existing queue is the user's: never unbound or deleted.
+            continue;
+        }
+        let queue = short("queue", &r.spec.queue_name())?;
+        match now {
+            // Its messages can never be delivered now; a queue left bound
+            // would collect every future message of its topics.
+            None => {
+                if let Err(e) = s
+                    .setup
+                    .queue_delete(queue.clone(), QueueDeleteOptions::default())
+                    .await
+                {
+                    tracing::warn!(function = %key, error = %e, "cannot delete the queue");
+                }
+            }
+            // Topics dropped by the change are unbound below.
+            Some(spec) => {
+                for t in r.spec.topics.iter().filter(|t| !spec.topics.contains(t)) {
+                    let k = short("topic", &binding_key(t))?;
+                    s.setup
+                        .queue_unbind(queue.clone(), exchange.clone(), k, FieldTable::default())
+                        .await
+                        .map_err(|e| Error::Broker(format!("unbind {t} from {queue}: {e}")))?;
+                }
+            }
+        }
+    }
+
+    // Start what is new; resize the rest.
+    for f in functions {
+        let key = f.key();
+        let limit = limit_for(&f.spec, f.ready_replicas);
+        if let Some(r) = running.get(&key) {
+            r.limit.set_max(limit);
+            continue;
+        }
+        let target = match engine.target(f.spec.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                engine.metrics().config_errors.inc();
+                tracing::error!(function = %key, error = %e, "skipping function");
+                continue;
+            }
+        };
+        let queue_name = f.spec.queue_name();
+        let queue = short("queue", &queue_name)?;
+        let channel = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::Broker(format!("open a channel for {key}: {e}")))?;
+        if f.spec.queue.is_some() {
+            // Consume an existing queue as it is: it must exist.
+            channel
+                .queue_declare(
+                    queue.clone(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    Error::Broker(format!(
+                        "queue {queue_name} of {key} (it must exist, as `queue` names it): {e}"
+                    ))
+                })?;
+        } else {
+            channel
+                .queue_declare(
+                    queue.clone(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
+            for t in &f.spec.topics {
+                let k = short("topic", &binding_key(t))?;
+                channel
+                    .queue_bind(
+                        queue.clone(),
+                        exchange.clone(),
+                        k,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| Error::Broker(format!("bind {t} to {queue_name}: {e}")))?;
+            }
+        }
+        // Prefetch: what the function's slots take, and as many again
+        // waiting, bounded (the broker counts them as unacked, the
+        // autoscaler as backlog).
+        let prefetch = u16::try_from(limit.saturating_mul(2).clamp(16, 4096)).unwrap_or(4096);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::Broker(format!("prefetch for {key}: {e}")))?;
+        let tag = format!("ebb-{}", f.spec.durable_name());
+        let consumer = channel
+            .basic_consume(
+                queue.clone(),
+                short("consumer tag", &tag)?,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("consume {queue_name} for {key}: {e}")))?;
+        let stop = CancellationToken::new();
+        let flimit = Limit::new(limit);
+        let task = tokio::spawn(consume(
+            channel,
+            consumer,
+            tag,
+            queue_name.clone(),
+            target,
+            flimit.clone(),
+            global.clone(),
+            engine.clone(),
+            s.sink.clone(),
+            tracker.clone(),
+            stop.clone(),
+            s.lost.clone(),
+        ));
+        tracing::info!(function = %key, queue = %queue_name, topics = ?f.spec.topics, limit, "consuming");
+        running.insert(
+            key,
+            Running {
+                spec: f.spec.clone(),
+                limit: flimit,
+                stop,
+                task,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Takes one slot of the function and one of the process, or `None` on stop.
+async fn slot(
+    limit: &Arc<Limit>,
+    global: &Arc<Limit>,
+    stop: &CancellationToken,
+) -> Option<(Permit, Permit)> {
+    let a = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => return None };
+    let b = tokio::select! { p = global.acquire() => p, () = stop.cancelled() => return None };
+    Some((a, b))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    tag: String,
+    queue: String,
+    target: Arc<Target>,
+    limit: Arc<Limit>,
+    global: Arc<Limit>,
+    engine: Arc<Engine>,
+    sink: Arc<AmqpDeadLetters>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    lost: Arc<Notify>,
+) {
+    let key = target.key.clone();
+    loop {
+        // A message is taken into a call only when a slot is free; until
+        // then it waits in the prefetch (backpressure).
+        let Some(permits) = slot(&limit, &global, &stop).await else {
+            break;
+        };
+        let next = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            m = consumer.next() => m,
+        };
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                engine.metrics().error("consume");
+                tracing::warn!(function = %key, error = %e, "consumer failed");
+                lost.notify_one();
+                break;
+            }
+            None => {
+                tracing::warn!(function = %key, "the broker cancelled the consumer (queue deleted?)");
+                lost.notify_one();
+                break;
+            }
+        };
+        let event = amqp_event(&msg, &queue);
+        let delivery = AmqpDelivery {
+            attempt: attempt_of(&msg),
+            msg,
+        };
+        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
+        tracker.spawn(async move {
+            let _permits = permits;
+            engine
+                .deliver(&target, &event, delivery, sink.as_ref())
+                .await;
+        });
+    }
+    // No more deliveries to this process: what the prefetch still holds
+    // goes back to the queue (before any held event is given back, so the
+    // order stays close to the queue's).
+    if let Ok(tag) = ShortString::try_new(tag.as_str())
+        && let Err(e) = channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+    {
+        tracing::debug!(function = %key, error = %e, "cancel consumer");
+    }
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(Duration::from_millis(50), consumer.next()).await
+    {
+        let _ = m
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await;
+    }
+    tracing::debug!(function = %key, "consumer stopped");
+}
+
+/// Publishes one message (for `ebb publish --amqp`) to `exchange` with
+/// routing key `topic`, persistent, and waits for the broker's confirm; a
+/// topic no queue is bound to is an error.
+pub async fn publish(
+    url: &str,
+    exchange: &str,
+    topic: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(), Error> {
+    let exchange = short("--exchange", exchange)?;
+    let key = short("topic", topic)?;
+    let conn = connect_once(url, "ebb-publish").await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::Broker(format!("publisher confirms: {e}")))?;
+    let r = publish_confirmed(&channel, &exchange, key, headers, &body).await;
+    let _ = conn.close(200, "done".into()).await;
+    r.map_err(|e| {
+        if e.contains("NOT_FOUND") {
+            Error::Broker(format!(
+                "exchange `{exchange}` does not exist ({e}); start `ebb connector amqp` first, or pass the exchange it uses"
+            ))
+        } else if e.contains("no queue is bound") {
+            Error::Broker(format!(
+                "{e}; is a connector routing topic `{topic}`?"
+            ))
+        } else {
+            Error::Broker(format!("publish to {topic}: {e}"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_become_binding_keys() {
+        assert_eq!(binding_key("orders"), "orders");
+        assert_eq!(binding_key("pay.*"), "pay.*");
+        assert_eq!(binding_key("pay.>"), "pay.#");
+        assert_eq!(binding_key(">"), "#");
+        assert_eq!(
+            binding_key("a.>b"),
+            "a.>b",
+            "only a whole word is a wildcard"
+        );
+    }
+
+    #[test]
+    fn dead_letter_queues_are_named_after_their_topic() {
+        assert_eq!(
+            dead_letter_queue("orders.dead"),
+            "ebb-dead-letters-orders.dead"
+        );
+        assert_eq!(dead_letter_queue("a b/c"), "ebb-dead-letters-a_b_c");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://user:secret@host:5672/vh"),
+            "amqp://user:***@host:5672/vh"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn headers_round_trip_and_content_type_is_a_property() {
+        let mut h = HeaderMap::new();
+        h.insert("x-order", "7".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let props = amqp_properties(&h);
+        assert_eq!(
+            props.content_type().as_ref().map(ShortString::as_str),
+            Some("application/json")
+        );
+        let back = http_headers(&props);
+        assert_eq!(back.get("x-order").unwrap(), "7");
+        assert_eq!(back.get("content-type").unwrap(), "application/json");
+    }
+
+    #[test]
+    fn numbers_in_amqp_headers_pass_and_tables_do_not() {
+        let mut t = FieldTable::default();
+        t.insert("x-n".into(), AMQPValue::LongLongInt(-3));
+        t.insert("x-t".into(), AMQPValue::FieldTable(FieldTable::default()));
+        t.insert("x-bad".into(), AMQPValue::LongString("a\nb".into()));
+        let h = http_headers(&BasicProperties::default().with_headers(t));
+        assert_eq!(h.get("x-n").unwrap(), "-3");
+        assert!(h.get("x-t").is_none());
+        assert!(h.get("x-bad").is_none(), "not a valid header value");
+    }
+
+    #[test]
+    fn too_long_names_are_a_clear_error() {
+        let long = "q".repeat(300);
+        let e = short("queue", &long).unwrap_err().to_string();
+        assert!(e.contains("queue") && e.contains("255"), "{e}");
+    }
+
+    #[test]
+    fn ids_are_the_message_id_or_stable() {
+        let mk = |props: BasicProperties, tag: u64| {
+            let mut d = AmqpMessage::mock(tag, "ebb".into(), "orders".into(), false, b"x".to_vec());
+            d.properties = props;
+            d
+        };
+        let a = mk(BasicProperties::default().with_message_id("m-1".into()), 1);
+        assert_eq!(event_id(&a), "m-1");
+        let b1 = mk(BasicProperties::default().with_timestamp(5), 1);
+        let b2 = mk(BasicProperties::default().with_timestamp(5), 9);
+        assert_eq!(event_id(&b1), event_id(&b2), "a redelivery has the same id");
+        let c = mk(BasicProperties::default().with_timestamp(6), 1);
+        assert_ne!(event_id(&b1), event_id(&c));
+        assert_eq!(
+            event_time(&b1.properties),
+            DateTime::from_timestamp(5, 0).unwrap()
+        );
+    }
+
+    #[test]
+    fn quorum_delivery_count_gives_the_attempt() {
+        let mut t = FieldTable::default();
+        t.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        let mut d = AmqpMessage::mock(1, "ebb".into(), "orders".into(), true, Vec::new());
+        d.properties = BasicProperties::default().with_headers(t);
+        assert_eq!(attempt_of(&d), 3);
+        d.properties = BasicProperties::default();
+        assert_eq!(attempt_of(&d), 1);
+    }
+}
