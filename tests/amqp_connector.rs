@@ -656,3 +656,98 @@ async fn ebb_publish_amqp_delivers_and_names_what_is_wrong() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_missing_queue_is_reported_and_the_other_functions_served() {
+    let env = Env::start().await;
+    let (f, g) = (Sink::start().await, Sink::start().await);
+    env.write_stack(&[
+        func("f", &f.url(), &[]).set("queue", "not-yet"),
+        func("g", &g.url(), &["jobs"]),
+    ]);
+    let mut connector = env.connector(&[]).await;
+    connector
+        .child
+        .wait_for_output("queue not-yet of default/f", DELIVERY)
+        .await;
+    env.publish("jobs", "g-1", b"g").await;
+    g.wait_for_calls(1, DELIVERY).await;
+
+    // Once the queue exists, the next retry consumes it.
+    within(
+        STEP,
+        "declare",
+        env.channel.queue_declare(
+            "not-yet".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare not-yet");
+    env.publish_to("", "not-yet", BasicProperties::default(), b"f")
+        .await;
+    f.wait_for_calls(1, Duration::from_secs(30)).await;
+    env.wait_ready_count("not-yet", Some(0), DELIVERY).await;
+}
+
+#[tokio::test]
+async fn the_connector_reconnects_after_the_broker_closes_its_connection() {
+    let env = Env::start().await;
+    let rabbit = RabbitMq::shared().await;
+    let f = Sink::start().await;
+    env.write_stack(&[func("f", &f.url(), &["jobs"])]);
+    let _connector = env.connector(&[]).await;
+    env.publish("jobs", "before", b"1").await;
+    f.wait_for_calls(1, DELIVERY).await;
+
+    // Close the connector's connection from the broker's side, as a node
+    // restart or an operator would.
+    let path = format!("/api/vhosts/{}/connections", env.vhost.name());
+    let deadline = Instant::now() + DELIVERY;
+    let name = loop {
+        let list = rabbit
+            .management(hyper::Method::GET, &path, None)
+            .await
+            .json();
+        let found = list.as_array().and_then(|cs| {
+            cs.iter().find_map(|c| {
+                (c["client_properties"]["connection_name"] == "ebb-connector-amqp")
+                    .then(|| c["name"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        });
+        if let Some(name) = found {
+            break name;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection of the connector in {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let encoded = percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC);
+    let closed = rabbit
+        .management(
+            hyper::Method::DELETE,
+            &format!("/api/connections/{encoded}"),
+            None,
+        )
+        .await;
+    assert!(closed.status.is_success(), "close: {}", closed.status);
+
+    // Published while it reconnects: the queue keeps it.
+    env.publish("jobs", "after", b"2").await;
+    f.wait_for_calls(2, Duration::from_secs(30)).await;
+    env.wait_ready_count("ebb-default-f", Some(0), DELIVERY)
+        .await;
+    let ids: Vec<String> = f
+        .calls()
+        .iter()
+        .filter_map(|c| c.header("ce-id").map(str::to_owned))
+        .collect();
+    assert_eq!(ids, ["before", "after"]);
+}

@@ -556,9 +556,11 @@ pub async fn run(
             )
             .await
             {
-                Ok(()) => {
+                // Serving, perhaps without the functions that failed
+                // (each logged); those are tried again.
+                Ok(failed) => {
                     ready.set(true);
-                    retry_in = None;
+                    retry_in = (!failed.is_empty()).then(|| next_retry(retry_in));
                 }
                 Err(e) => {
                     engine.metrics().error(e.metric_label());
@@ -647,7 +649,16 @@ async fn reconcile(
     engine: &Arc<Engine>,
     global: &Arc<Limit>,
     tracker: &TaskTracker,
-) -> Result<(), Error> {
+) -> Result<Vec<String>, Error> {
+    // A channel error (e.g. a refused declare) closes the channel: open
+    // another for the next steps.
+    if !s.setup.status().connected() {
+        s.setup = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+    }
     // Dead letters are kept in a queue of their own even before anyone
     // subscribes to them.
     for dest in functions
@@ -735,6 +746,7 @@ async fn reconcile(
     }
 
     // Start what is new; resize the rest.
+    let mut failed = Vec::new();
     for f in functions {
         let key = f.key();
         let limit = limit_for(&f.spec, f.ready_replicas);
@@ -750,74 +762,19 @@ async fn reconcile(
                 continue;
             }
         };
-        let queue_name = f.spec.queue_name();
-        let queue = short("queue", &queue_name)?;
-        let channel = s
-            .conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::Broker(format!("open a channel for {key}: {e}")))?;
-        if f.spec.queue.is_some() {
-            // Consume an existing queue as it is: it must exist.
-            channel
-                .queue_declare(
-                    queue.clone(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| {
-                    Error::Broker(format!(
-                        "queue {queue_name} of {key} (it must exist, as `queue` names it): {e}"
-                    ))
-                })?;
-        } else {
-            channel
-                .queue_declare(
-                    queue.clone(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
-            for t in &f.spec.topics {
-                let k = short("topic", &binding_key(t))?;
-                channel
-                    .queue_bind(
-                        queue.clone(),
-                        exchange.clone(),
-                        k,
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| Error::Broker(format!("bind {t} to {queue_name}: {e}")))?;
+        let started = start_consumer(exchange, s, f, limit).await;
+        let (channel, consumer, tag, queue_name) = match started {
+            Ok(c) => c,
+            Err(e) => {
+                // One function's queue (say, a `queue` that does not exist)
+                // does not keep the others from being served; it is tried
+                // again with the next retry.
+                engine.metrics().error(e.metric_label());
+                tracing::error!(function = %key, error = %e, "cannot consume for this function; retrying");
+                failed.push(key);
+                continue;
             }
-        }
-        // Prefetch: what the function's slots take, and as many again
-        // waiting, bounded (the broker counts them as unacked, the
-        // autoscaler as backlog).
-        let prefetch = u16::try_from(limit.saturating_mul(2).clamp(16, 4096)).unwrap_or(4096);
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Error::Broker(format!("prefetch for {key}: {e}")))?;
-        let tag = format!("ebb-{}", f.spec.durable_name());
-        let consumer = channel
-            .basic_consume(
-                queue.clone(),
-                short("consumer tag", &tag)?,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::Broker(format!("consume {queue_name} for {key}: {e}")))?;
+        };
         let stop = CancellationToken::new();
         let flimit = Limit::new(limit);
         let task = tokio::spawn(consume(
@@ -845,7 +802,87 @@ async fn reconcile(
             },
         );
     }
-    Ok(())
+    Ok(failed)
+}
+
+/// Declares (or checks) a function's queue, binds its topics and starts
+/// consuming on a channel of its own.
+async fn start_consumer(
+    exchange: &ShortString,
+    s: &Session,
+    f: &ebb_model::Function,
+    limit: usize,
+) -> Result<(Channel, lapin::Consumer, String, String), Error> {
+    let key = f.key();
+    let queue_name = f.spec.queue_name();
+    let queue = short("queue", &queue_name)?;
+    let channel = s
+        .conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::Broker(format!("open a channel for {key}: {e}")))?;
+    if f.spec.queue.is_some() {
+        // Consume an existing queue as it is: it must exist.
+        channel
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                Error::Broker(format!(
+                    "queue {queue_name} of {key} (it must exist, as `queue` names it): {e}"
+                ))
+            })?;
+    } else {
+        channel
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
+        for t in &f.spec.topics {
+            let k = short("topic", &binding_key(t))?;
+            channel
+                .queue_bind(
+                    queue.clone(),
+                    exchange.clone(),
+                    k,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("bind {t} to {queue_name}: {e}")))?;
+        }
+    }
+    // Prefetch: what the function's slots take, and as many again
+    // waiting, bounded (the broker counts them as unacked, the
+    // autoscaler as backlog).
+    let prefetch = u16::try_from(limit.saturating_mul(2).clamp(16, 4096)).unwrap_or(4096);
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| Error::Broker(format!("prefetch for {key}: {e}")))?;
+    let tag = format!("ebb-{}", f.spec.durable_name());
+    let consumer = channel
+        .basic_consume(
+            queue.clone(),
+            short("consumer tag", &tag)?,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Error::Broker(format!("consume {queue_name} for {key}: {e}")))?;
+    Ok((channel, consumer, tag, queue_name))
 }
 
 /// Takes one slot of the function and one of the process, or `None` on stop.
