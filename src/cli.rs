@@ -205,6 +205,21 @@ struct AmqpArgs {
     exchange: String,
 }
 
+#[derive(Debug, Args)]
+struct KafkaArgs {
+    #[command(flatten)]
+    common: ConnectorArgs,
+    /// Where a consumer group with no committed offset starts: new messages
+    /// only, or everything still in the topic.
+    #[arg(
+        long,
+        env = "EBB_KAFKA_OFFSET_RESET",
+        value_enum,
+        default_value = "latest"
+    )]
+    offset_reset: OffsetReset,
+}
+
 /// Leader election among replicas (with --kubernetes).
 #[derive(Debug, Args)]
 struct LeaseArgs {
@@ -257,8 +272,8 @@ enum ConnectorKind {
     Nats(Box<NatsArgs>),
     /// RabbitMQ (AMQP 0-9-1).
     Amqp(Box<AmqpArgs>),
-    /// Kafka (not implemented yet).
-    Kafka(Box<ConnectorArgs>),
+    /// Kafka.
+    Kafka(Box<KafkaArgs>),
     /// Cron schedules.
     Cron(Box<CronArgs>),
 }
@@ -448,8 +463,13 @@ struct PublishArgs {
     /// With --amqp: the exchange the connector uses.
     #[arg(long, env = "EBB_EXCHANGE", default_value = "ebb", requires = "amqp")]
     exchange: String,
+    /// Publish to Kafka (host:port[,host:port]), waiting until the brokers
+    /// have it (acks=all).
     #[arg(long, env = "EBB_KAFKA_BROKERS")]
     kafka: Option<String>,
+    /// With --kafka: the message key.
+    #[arg(long, requires = "kafka")]
+    key: Option<String>,
     #[arg(long, env = "EBB_DEV_URL")]
     dev: Option<String>,
     /// Header `Name:value` (repeatable).
@@ -504,12 +524,7 @@ impl Cli {
                 ConnectorKind::Nats(args) => run_nats(*args).await,
                 ConnectorKind::Cron(args) => run_cron(*args).await,
                 ConnectorKind::Amqp(args) => run_amqp(*args).await,
-                kind => not_implemented(match kind {
-                    ConnectorKind::Nats(_) => "connector nats",
-                    ConnectorKind::Amqp(_) => "connector amqp",
-                    ConnectorKind::Kafka(_) => "connector kafka",
-                    ConnectorKind::Cron(_) => "connector cron",
-                }),
+                ConnectorKind::Kafka(args) => run_kafka(*args).await,
             },
             Command::Autoscaler(args) => run_autoscaler(args).await,
             Command::Publish(args) => run_publish(args).await,
@@ -794,13 +809,40 @@ async fn run_publish(args: PublishArgs) -> ExitCode {
             }
         };
     }
-    let Some(url) = args.nats.clone() else {
-        if args.kafka.is_some() {
-            return not_implemented("publish --kafka (--nats, --amqp and --dev work today)");
+    if let Some(brokers) = &args.kafka {
+        if args.nats.is_some() {
+            return config_error("publish", "give one of --dev, --nats, --amqp, --kafka");
         }
+        let publish = ebb_connectors::kafka::publish(
+            brokers,
+            &args.topic,
+            args.key.as_deref(),
+            &headers,
+            body.into(),
+        );
+        return match tokio::time::timeout(Duration::from_secs(15), publish).await {
+            Ok(Ok((partition, offset))) => {
+                eprintln!(
+                    "published to {} (partition {partition}, offset {offset})",
+                    args.topic
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(Err(e)) if e.is_config() => config_error("publish", e),
+            Ok(Err(e)) => {
+                eprintln!("ebb publish: {e}");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("ebb publish: Kafka did not take the message within 15s");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(url) = args.nats.clone() else {
         return config_error(
             "publish",
-            "say where to publish: --dev URL, --nats URL or --amqp URL",
+            "say where to publish: --dev URL, --nats URL, --amqp URL or --kafka BROKERS",
         );
     };
     let cfg = ebb_connectors::nats::NatsConfig {
@@ -862,6 +904,35 @@ async fn run_amqp(args: AmqpArgs) -> ExitCode {
         Err(e) if e.is_config() => config_error("connector amqp", e),
         Err(e) => {
             eprintln!("ebb connector amqp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_kafka(args: KafkaArgs) -> ExitCode {
+    let common = match connector_common(&args.common, "ebb-connector-kafka") {
+        Ok(c) => c,
+        Err(e) => return config_error("connector kafka", e),
+    };
+    let cfg = ebb_connectors::kafka::KafkaConfig {
+        brokers: args
+            .common
+            .url
+            .clone()
+            .unwrap_or_else(|| ebb_connectors::kafka::KafkaConfig::default().brokers),
+        offset_reset: match args.offset_reset {
+            OffsetReset::Latest => ebb_connectors::kafka::OffsetReset::Latest,
+            OffsetReset::Earliest => ebb_connectors::kafka::OffsetReset::Earliest,
+        },
+        max_inflight_total: args.common.max_inflight_total as usize,
+        drain_timeout: args.common.drain_timeout,
+        ..Default::default()
+    };
+    match ebb_connectors::app::run_kafka(common, cfg, ebb_runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => config_error("connector kafka", e),
+        Err(e) => {
+            eprintln!("ebb connector kafka: {e}");
             ExitCode::FAILURE
         }
     }

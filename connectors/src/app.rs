@@ -218,6 +218,25 @@ pub async fn run_amqp(
     r
 }
 
+/// Runs the Kafka connector process until `shutdown`.
+pub async fn run_kafka(
+    common: CommonOptions,
+    kafka: crate::kafka::KafkaConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let parts = Parts::start(common).await?;
+    let r = crate::kafka::run(
+        kafka,
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        parts.ready.clone(),
+        shutdown,
+    )
+    .await;
+    parts.stop().await;
+    r
+}
+
 /// Runs the cron connector process until `shutdown`: one instance from a
 /// stack file, or with Kubernetes discovery one of several replicas that
 /// elect a leader (see [`crate::cron`]).

@@ -85,7 +85,10 @@ pub fn delivery_headers(
         if NOT_FORWARDED.contains(&name.as_str()) {
             continue;
         }
-        if name.as_str().starts_with("ce-") {
+        // A CloudEvent in binary mode carries its required `ce-specversion`
+        // (other `ce-*` headers alone, such as Kafka's `ce-partitionkey`,
+        // are extensions of the event this delivery describes).
+        if name == "ce-specversion" {
             is_cloudevent = true;
         }
         h.append(name.clone(), value.clone());

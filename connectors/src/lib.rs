@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod cron;
 pub mod engine;
 pub mod event;
+pub mod kafka;
 pub mod limit;
 pub mod metrics;
 pub mod nats;

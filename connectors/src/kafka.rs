@@ -1,0 +1,778 @@
+//! The Kafka connector: at-least-once, offsets committed only past messages
+//! that were delivered or dead-lettered.
+//!
+//! Each function has its own consumer group (`ebb-{namespace}-{function}`,
+//! or its `consumer-group` setting) subscribed to its topics, so two
+//! functions on one topic each get every message. Messages are taken only
+//! while the function has free delivery slots (backpressure) and delivered
+//! in the order `kafka-ordering` asks for: one at a time per partition (the
+//! default), one at a time per key, or as many at once as the slots allow.
+//! Whatever the order of completion, a partition's committed offset only
+//! moves past a message once it and every earlier one are finished
+//! ([`Offsets`]), so a crash or a rebalance repeats messages, never skips
+//! them. Dead letters are produced to the function's `dead-letter` topic
+//! with `acks=all`, and only then count as finished. Retries wait in the
+//! connector.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use ebb_model::{Catalog, FunctionSpec, KafkaOrdering};
+use http::HeaderMap;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::admin::Readiness;
+use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::event::Event;
+use crate::limit::{Limit, Permit};
+
+/// Where a group with no committed offset starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetReset {
+    /// New messages only (as a new JetStream consumer).
+    #[default]
+    Latest,
+    /// Everything still in the topic.
+    Earliest,
+}
+
+/// Settings of the Kafka connector.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`.
+    pub brokers: String,
+    pub offset_reset: OffsetReset,
+    /// Deliveries in flight across all functions.
+    pub max_inflight_total: usize,
+    /// How long in-flight calls may take to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// How often finished offsets are committed.
+    pub commit_interval: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            offset_reset: OffsetReset::Latest,
+            max_inflight_total: 1024,
+            drain_timeout: Duration::from_secs(30),
+            commit_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a name is not a Kafka topic, if it is not: 1–249 characters of
+/// `[A-Za-z0-9._-]`, not `.` or `..` (Kafka has no wildcards: a topic is a
+/// name).
+pub fn validate_topic(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > 249 {
+        return Err(format!(
+            "Kafka topic `{t}` must be 1 to 249 characters long"
+        ));
+    }
+    if t == "." || t == ".." {
+        return Err(format!("`{t}` is not a Kafka topic name"));
+    }
+    if let Some(c) = t
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "Kafka topic `{t}` contains `{c}`; topics are plain names of letters, digits, `.`, `_` and `-` (no wildcards)"
+        ));
+    }
+    Ok(())
+}
+
+/// The finished messages of each partition, and how far its offset can be
+/// committed: past every message up to the first one still unfinished.
+#[derive(Debug, Default)]
+pub struct Offsets {
+    parts: HashMap<(String, i32), Part>,
+}
+
+#[derive(Debug, Default)]
+struct Part {
+    /// Taken and not finished.
+    pending: BTreeSet<i64>,
+    /// One past the highest offset taken.
+    next: i64,
+    /// The offset last committed (the next to read).
+    committed: i64,
+}
+
+impl Offsets {
+    /// A message was taken.
+    pub fn take(&mut self, topic: &str, partition: i32, offset: i64) {
+        // The first message read is where the partition's reading began.
+        let p = self
+            .parts
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| Part {
+                committed: offset,
+                next: offset,
+                ..Part::default()
+            });
+        p.pending.insert(offset);
+        p.next = p.next.max(offset + 1);
+    }
+
+    /// A message was delivered or dead-lettered.
+    pub fn finish(&mut self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self.parts.get_mut(&(topic.to_owned(), partition)) {
+            p.pending.remove(&offset);
+        }
+    }
+
+    /// Offsets to commit now (`(topic, partition, next offset)`), those that
+    /// moved since the last call; they are taken as committed.
+    pub fn to_commit(&mut self) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for ((topic, partition), p) in &mut self.parts {
+            let upto = p.pending.first().copied().unwrap_or(p.next);
+            if upto > p.committed {
+                p.committed = upto;
+                out.push((topic.clone(), *partition, upto));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Which lane a message goes to: messages of one lane are delivered one at a
+/// time, in order; `None` means no order is kept (delivered at once).
+pub fn lane(
+    ordering: KafkaOrdering,
+    topic: &str,
+    partition: i32,
+    key: Option<&[u8]>,
+) -> Option<(String, i32, u64)> {
+    match (ordering, key) {
+        (KafkaOrdering::Partition, _) => Some((topic.to_owned(), partition, 0)),
+        (KafkaOrdering::Key, Some(k)) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            Some((topic.to_owned(), partition, h.finish()))
+        }
+        // Messages without a key have no order to keep.
+        (KafkaOrdering::Key, None) | (KafkaOrdering::None, _) => None,
+    }
+}
+
+/// HTTP headers of a Kafka message: its headers whose value is valid in
+/// HTTP, and the key as `ce-partitionkey` (CloudEvents' Kafka binding).
+pub fn http_headers(msg: &OwnedMessage) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            let (Ok(name), Some(value)) = (
+                http::HeaderName::from_bytes(header.key.as_bytes()),
+                header.value,
+            ) else {
+                continue;
+            };
+            if let Ok(v) = http::HeaderValue::from_bytes(value) {
+                out.append(name, v);
+            }
+        }
+    }
+    if let Some(k) = msg.key()
+        && let Ok(v) = http::HeaderValue::from_bytes(k)
+    {
+        out.insert("ce-partitionkey", v);
+    }
+    out
+}
+
+/// Kafka headers from HTTP headers.
+pub fn kafka_headers(h: &HeaderMap) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    for (name, value) in h {
+        out = out.insert(Header {
+            key: name.as_str(),
+            value: Some(value.as_bytes()),
+        });
+    }
+    out
+}
+
+fn kafka_event(msg: &OwnedMessage) -> Event {
+    let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
+    Event {
+        id: format!("{topic}/{partition}/{offset}"),
+        source: format!("/ebb/kafka/{topic}"),
+        kind: "io.ebb.kafka.message".into(),
+        topic: topic.to_owned(),
+        time: msg
+            .timestamp()
+            .to_millis()
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or_else(Utc::now),
+        headers: http_headers(msg),
+        body: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
+        position: format!("topic {topic} partition {partition} offset {offset}"),
+    }
+}
+
+/// A Kafka message being delivered: finishing it lets its partition's
+/// offset move past it; giving it back leaves it for the next reader.
+struct KafkaDelivery {
+    offsets: Arc<Mutex<Offsets>>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl KafkaDelivery {
+    fn finish(&self) {
+        if let Ok(mut o) = self.offsets.lock() {
+            o.finish(&self.topic, self.partition, self.offset);
+        }
+    }
+}
+
+impl Delivery for KafkaDelivery {
+    fn attempt(&self) -> u32 {
+        1
+    }
+    fn redelivers(&self) -> bool {
+        false
+    }
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+    async fn ack(&mut self) -> Result<(), Error> {
+        self.finish();
+        Ok(())
+    }
+    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn in_progress(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn release(&mut self) -> Result<(), Error> {
+        // Not finished: the offset never moves past it in this process.
+        Ok(())
+    }
+    async fn terminate(&mut self) -> Result<(), Error> {
+        self.finish();
+        Ok(())
+    }
+}
+
+/// Produces dead letters with `acks=all`: `Ok` once the brokers have them.
+pub struct KafkaDeadLetters {
+    producer: FutureProducer,
+}
+
+impl DeadLetterSink for KafkaDeadLetters {
+    async fn publish(
+        &self,
+        destination: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(), Error> {
+        validate_topic(destination).map_err(Error::DeadLetter)?;
+        let record = FutureRecord::<(), _>::to(destination)
+            .payload(body.as_ref())
+            .headers(kafka_headers(&headers));
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| Error::DeadLetter(format!("produce to {destination}: {e}")))
+    }
+}
+
+fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, Error> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .map_err(|e| Error::Config(format!("--url {brokers}: {e}")))
+}
+
+/// One function's consumer task.
+struct Running {
+    spec: Arc<FunctionSpec>,
+    limit: Arc<Limit>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn limit_for(spec: &FunctionSpec, ready: Option<u32>) -> usize {
+    spec.max_inflight as usize * ready.unwrap_or(1).max(1) as usize
+}
+
+/// Functions the connector serves: those whose topics are Kafka topics.
+fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_model::Function> {
+    let mut out = Vec::new();
+    let mut bad = catalog.errors.len();
+    for f in &catalog.functions {
+        if f.spec.topics.is_empty() {
+            continue;
+        }
+        let dead = f.spec.dead_letter.iter();
+        if let Some(err) = f
+            .spec
+            .topics
+            .iter()
+            .chain(dead)
+            .find_map(|t| validate_topic(t).err())
+        {
+            bad += 1;
+            tracing::error!(function = %format!("{}/{}", f.spec.namespace, f.spec.name), error = %err, "skipping function");
+            continue;
+        }
+        out.push(f.clone());
+    }
+    metrics.config_errors.set(bad as i64);
+    metrics.functions.set(out.len() as i64);
+    out
+}
+
+/// Runs the connector until `shutdown` resolves, then drains.
+pub async fn run(
+    cfg: KafkaConfig,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    ready: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    if cfg.brokers.trim().is_empty() {
+        return Err(Error::Config(
+            "--url: give the Kafka bootstrap servers, host:port[,host:port]".into(),
+        ));
+    }
+    let sink = Arc::new(KafkaDeadLetters {
+        producer: producer(&cfg.brokers, "ebb-connector-kafka")?,
+    });
+    let global = Limit::new(cfg.max_inflight_total.max(1));
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        let snapshot = catalog.borrow_and_update().clone();
+        let functions = routable(&snapshot, engine.metrics());
+        reconcile(&cfg, &functions, &mut running, &engine, &sink, &global).await;
+        ready.set(true);
+        tokio::select! {
+            r = catalog.changed() => {
+                if r.is_err() {
+                    shutdown.as_mut().await;
+                    break;
+                }
+            }
+            () = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!(drain_timeout = ?cfg.drain_timeout, inflight = global.in_use(), "stopping: no more messages taken; finishing in-flight calls");
+    ready.set(false);
+    for r in running.values() {
+        r.stop.cancel();
+    }
+    // Held events are given back (left uncommitted) at once.
+    engine.stopping().cancel();
+    for (_, mut r) in running.drain() {
+        if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), &mut r.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a consumer did not stop in time; its unfinished messages are read again by the next consumer"
+            );
+            r.task.abort();
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(
+    cfg: &KafkaConfig,
+    functions: &[ebb_model::Function],
+    running: &mut HashMap<String, Running>,
+    engine: &Arc<Engine>,
+    sink: &Arc<KafkaDeadLetters>,
+    global: &Arc<Limit>,
+) {
+    let wanted: HashMap<String, &ebb_model::Function> =
+        functions.iter().map(|f| (f.key(), f)).collect();
+    let gone: Vec<String> = running
+        .iter()
+        .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in gone {
+        if let Some(mut r) = running.remove(&key) {
+            tracing::info!(function = %key, "stopping consumer");
+            r.stop.cancel();
+            if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), &mut r.task)
+                .await
+                .is_err()
+            {
+                r.task.abort();
+            }
+        }
+    }
+    for f in functions {
+        let key = f.key();
+        let limit = limit_for(&f.spec, f.ready_replicas);
+        if let Some(r) = running.get(&key) {
+            r.limit.set_max(limit);
+            continue;
+        }
+        let target = match engine.target(f.spec.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                engine.metrics().config_errors.inc();
+                tracing::error!(function = %key, error = %e, "skipping function");
+                continue;
+            }
+        };
+        let consumer = match consumer_for(cfg, &f.spec) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                engine.metrics().error("consumer");
+                tracing::error!(function = %key, error = %e, "cannot consume for this function");
+                continue;
+            }
+        };
+        let stop = CancellationToken::new();
+        let flimit = Limit::new(limit);
+        let task = tokio::spawn(consume(
+            consumer,
+            f.spec.kafka_ordering,
+            cfg.commit_interval,
+            cfg.drain_timeout,
+            target,
+            flimit.clone(),
+            global.clone(),
+            engine.clone(),
+            sink.clone(),
+            stop.clone(),
+        ));
+        tracing::info!(function = %key, group = %f.spec.consumer_group_name(), topics = ?f.spec.topics, ordering = f.spec.kafka_ordering.as_str(), limit, "consuming");
+        running.insert(
+            key,
+            Running {
+                spec: f.spec.clone(),
+                limit: flimit,
+                stop,
+                task,
+            },
+        );
+    }
+}
+
+fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer, Error> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", spec.consumer_group_name())
+        .set("client.id", "ebb-connector-kafka")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            match cfg.offset_reset {
+                OffsetReset::Latest => "latest",
+                OffsetReset::Earliest => "earliest",
+            },
+        )
+        .set("allow.auto.create.topics", "false")
+        // A crashed connector's partitions move to another after 10 s
+        // (librdkafka's default is 45 s).
+        .set("session.timeout.ms", "10000")
+        // What librdkafka fetches ahead of the slots, per consumer.
+        .set("queued.max.messages.kbytes", "4096")
+        .create()
+        .map_err(|e| Error::Config(format!("--url {}: {e}", cfg.brokers)))?;
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| Error::Broker(format!("subscribe to {topics:?}: {e}")))?;
+    Ok(consumer)
+}
+
+/// Takes one slot of the function and one of the process, or `None` on stop.
+async fn slot(
+    limit: &Arc<Limit>,
+    global: &Arc<Limit>,
+    stop: &CancellationToken,
+) -> Option<(Permit, Permit)> {
+    let a = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => return None };
+    let b = tokio::select! { p = global.acquire() => p, () = stop.cancelled() => return None };
+    Some((a, b))
+}
+
+/// A message taken, ready to deliver.
+struct Job {
+    event: Event,
+    delivery: KafkaDelivery,
+    permits: (Permit, Permit),
+}
+
+/// Commits what finished since the last commit.
+fn commit(consumer: &StreamConsumer, offsets: &Mutex<Offsets>, mode: CommitMode, key: &str) {
+    let points = match offsets.lock() {
+        Ok(mut o) => o.to_commit(),
+        Err(_) => return,
+    };
+    if points.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in &points {
+        if tpl
+            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        // A partition taken away by a rebalance: its new reader starts
+        // from the last commit that landed, repeating, never skipping.
+        tracing::warn!(function = %key, error = %e, "cannot commit offsets");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    consumer: Arc<StreamConsumer>,
+    ordering: KafkaOrdering,
+    commit_interval: Duration,
+    drain_timeout: Duration,
+    target: Arc<Target>,
+    limit: Arc<Limit>,
+    global: Arc<Limit>,
+    engine: Arc<Engine>,
+    sink: Arc<KafkaDeadLetters>,
+    stop: CancellationToken,
+) {
+    let key = target.key.clone();
+    let offsets = Arc::new(Mutex::new(Offsets::default()));
+    let tracker = TaskTracker::new();
+    let mut lanes: HashMap<(String, i32, u64), mpsc::UnboundedSender<Job>> = HashMap::new();
+    let mut tick = tokio::time::interval(commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deliver = {
+        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
+        move |job: Job| {
+            let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
+            async move {
+                let Job {
+                    event,
+                    delivery,
+                    permits,
+                } = job;
+                let _permits = permits;
+                engine
+                    .deliver(&target, &event, delivery, sink.as_ref())
+                    .await;
+            }
+        }
+    };
+    loop {
+        let permits = tokio::select! {
+            p = slot(&limit, &global, &stop) => p,
+            _ = tick.tick() => {
+                commit(&consumer, &offsets, CommitMode::Async, &key);
+                continue;
+            }
+        };
+        let Some(permits) = permits else { break };
+        let msg = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break None,
+                m = consumer.recv() => match m {
+                    Ok(m) => break Some(m.detach()),
+                    Err(e) => {
+                        engine.metrics().error("consume");
+                        tracing::warn!(function = %key, error = %e, "cannot read from Kafka; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            () = stop.cancelled() => break None,
+                        }
+                    }
+                },
+                _ = tick.tick() => commit(&consumer, &offsets, CommitMode::Async, &key),
+            }
+        };
+        let Some(msg) = msg else { break };
+        let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
+        if let Ok(mut o) = offsets.lock() {
+            o.take(&topic, partition, offset);
+        }
+        let job = Job {
+            event: kafka_event(&msg),
+            delivery: KafkaDelivery {
+                offsets: offsets.clone(),
+                topic: topic.clone(),
+                partition,
+                offset,
+            },
+            permits,
+        };
+        match lane(ordering, &topic, partition, msg.key()) {
+            None => {
+                tracker.spawn(deliver(job));
+            }
+            Some(l) => {
+                let tx = lanes.entry(l).or_insert_with(|| {
+                    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+                    let (deliver, stop) = (deliver.clone(), stop.clone());
+                    tracker.spawn(async move {
+                        // One at a time, in order; on stop, what has not
+                        // started stays unfinished (read again later).
+                        while let Some(job) = rx.recv().await {
+                            if stop.is_cancelled() {
+                                break;
+                            }
+                            deliver(job).await;
+                        }
+                    });
+                    tx
+                });
+                if let Err(mpsc::error::SendError(job)) = tx.send(job) {
+                    // The lane ended (stopping): leave the message unfinished.
+                    drop(job);
+                }
+            }
+        }
+    }
+    // Stop: no more messages; calls in flight finish; then the last commit.
+    drop(lanes);
+    tracker.close();
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(function = %key, "drain timeout passed; unfinished messages are read again by the next consumer");
+    }
+    commit(&consumer, &offsets, CommitMode::Sync, &key);
+    consumer.unsubscribe();
+    tracing::debug!(function = %key, "consumer stopped");
+}
+
+/// Produces one message (for `ebb publish --kafka`) and waits until the
+/// brokers have it (`acks=all`); returns its partition and offset.
+pub async fn publish(
+    brokers: &str,
+    topic: &str,
+    key: Option<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(i32, i64), Error> {
+    validate_topic(topic).map_err(Error::Config)?;
+    let producer = producer(brokers, "ebb-publish")?;
+    let mut record = FutureRecord::<str, [u8]>::to(topic)
+        .payload(body.as_ref())
+        .headers(kafka_headers(headers));
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    let delivery = producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| Error::Broker(format!("produce to {topic}: {e}")))?;
+    Ok((delivery.partition, delivery.offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_commit_only_past_a_finished_prefix() {
+        let mut o = Offsets::default();
+        for off in 10..15 {
+            o.take("t", 0, off);
+        }
+        assert!(o.to_commit().is_empty(), "nothing finished");
+        // Finished out of order: 11 and 12 wait for 10.
+        o.finish("t", 0, 11);
+        o.finish("t", 0, 12);
+        assert!(o.to_commit().is_empty());
+        o.finish("t", 0, 10);
+        assert_eq!(o.to_commit(), [("t".to_owned(), 0, 13)]);
+        assert!(o.to_commit().is_empty(), "committed once");
+        o.finish("t", 0, 14);
+        assert!(o.to_commit().is_empty(), "13 is still unfinished");
+        o.finish("t", 0, 13);
+        assert_eq!(o.to_commit(), [("t".to_owned(), 0, 15)]);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut o = Offsets::default();
+        o.take("t", 0, 0);
+        o.take("t", 1, 5);
+        o.take("u", 0, 7);
+        o.finish("t", 1, 5);
+        o.finish("u", 0, 7);
+        assert_eq!(
+            o.to_commit(),
+            [("t".to_owned(), 1, 6), ("u".to_owned(), 0, 8)]
+        );
+        // A finish for a partition never taken changes nothing.
+        o.finish("v", 3, 1);
+        assert!(o.to_commit().is_empty());
+    }
+
+    #[test]
+    fn lanes_follow_the_ordering() {
+        let p = |o, part, k: Option<&[u8]>| lane(o, "t", part, k);
+        assert_eq!(
+            p(KafkaOrdering::Partition, 1, Some(b"a")),
+            p(KafkaOrdering::Partition, 1, Some(b"b"))
+        );
+        assert_ne!(
+            p(KafkaOrdering::Partition, 1, None),
+            p(KafkaOrdering::Partition, 2, None)
+        );
+        assert_eq!(
+            p(KafkaOrdering::Key, 1, Some(b"a")),
+            p(KafkaOrdering::Key, 1, Some(b"a"))
+        );
+        assert_ne!(
+            p(KafkaOrdering::Key, 1, Some(b"a")),
+            p(KafkaOrdering::Key, 1, Some(b"b"))
+        );
+        assert_eq!(p(KafkaOrdering::Key, 1, None), None);
+        assert_eq!(p(KafkaOrdering::None, 1, Some(b"a")), None);
+    }
+
+    #[test]
+    fn topics_are_plain_names() {
+        assert!(validate_topic("orders.eu-1_x").is_ok());
+        for bad in ["", ".", "..", "pay.*", "pay.>", "a b", &"x".repeat(250)] {
+            let e = validate_topic(bad).expect_err(bad);
+            assert!(e.contains("Kafka") || e.contains("topic"), "{e}");
+        }
+        assert!(
+            validate_topic("pay.*")
+                .unwrap_err()
+                .contains("no wildcards")
+        );
+    }
+}
