@@ -200,6 +200,8 @@ async fn every_container_argument_list_parses() {
     let mut checked = 0;
     for file in [
         "deploy/kubernetes/ebb.yaml",
+        "deploy/kubernetes/connectors/amqp.yaml",
+        "deploy/kubernetes/connectors/kafka.yaml",
         "examples/kubernetes/echo.yaml",
     ] {
         for d in docs(file).iter().filter(|d| kind(d) == "Deployment") {
@@ -252,8 +254,8 @@ async fn every_container_argument_list_parses() {
         }
     }
     assert_eq!(
-        checked, 4,
-        "autoscaler, two connectors, the example function"
+        checked, 6,
+        "autoscaler, four connectors, the example function"
     );
 }
 
