@@ -609,3 +609,95 @@ async fn a_replica_that_dies_is_replaced() {
     dev.child.signal(Signal::SIGTERM);
     assert!(dev.child.wait(Duration::from_secs(60)).await.success());
 }
+
+/// Publishes through `ebb dev` until `function` has one delivery (a new
+/// Kafka group starts with new messages, so the first publishes may come
+/// before the connector's group has joined).
+async fn publish_until_delivered(dev: &mut Dev, topic: &str, body: &str, function: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = tokio::process::Command::new(ebb_bin())
+            .args(["publish", "--dev", &dev.url, topic, body])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success() || tokio::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = dev.function(function).await;
+        if n(&f, "delivered") >= 1 {
+            return f;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not delivered: {f}");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_amqp_source_the_real_connector_delivers_and_wakes_local_replicas() {
+    let vhost = support::RabbitMq::shared().await.vhost().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "functions:\n  - name: rabbit\n    command: [sh, -c, 'cat >&2']\n    topics: [orders.new]\nsources:\n  amqp: {}\n",
+            vhost.url()
+        ),
+    )
+    .unwrap();
+    let mut dev = Dev::start(&path).await;
+    assert_eq!(n(&dev.function("rabbit").await, "replicas"), 0);
+    // The queue is bound once the connector runs; until then a publish is
+    // refused (no queue bound), so this retries.
+    let f = publish_until_delivered(&mut dev, "orders.new", "from rabbitmq", "rabbit").await;
+    assert_eq!(n(&f, "replicas"), 1, "woken from zero: {f}");
+    assert!(dev.child.output().contains("stderr=from rabbitmq"));
+    dev.child.signal(Signal::SIGINT);
+    assert!(dev.child.wait(Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_kafka_source_the_real_connector_delivers_and_wakes_local_replicas() {
+    let kafka = support::KafkaMock::new();
+    kafka.create_topic("orders", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "functions:\n  - name: log\n    command: [sh, -c, 'cat >&2']\n    topics: [orders]\nsources:\n  kafka: {}\n",
+            kafka.bootstrap_servers()
+        ),
+    )
+    .unwrap();
+    let mut dev = Dev::start(&path).await;
+    assert_eq!(n(&dev.function("log").await, "replicas"), 0);
+    let f = publish_until_delivered(&mut dev, "orders", "from kafka", "log").await;
+    assert_eq!(n(&f, "replicas"), 1, "woken from zero: {f}");
+    assert!(dev.child.output().contains("stderr=from kafka"));
+    dev.child.signal(Signal::SIGINT);
+    assert!(dev.child.wait(Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test]
+async fn two_broker_sources_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.yaml");
+    std::fs::write(
+        &path,
+        "functions:\n  - name: f\n    command: cat\n    topics: [t]\nsources:\n  nats: nats://127.0.0.1:1\n  kafka: 127.0.0.1:1\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(ebb_bin())
+        .args(["dev", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("give one of nats, amqp and kafka"), "{err}");
+}

@@ -91,6 +91,10 @@ pub(crate) struct Dev {
     pub(crate) reload_error: Mutex<Option<String>>,
     /// The stack's NATS source, where `POST /publish` publishes.
     pub(crate) nats: Option<async_nats::Client>,
+    /// `sources.amqp`: publishes go to RabbitMQ.
+    pub(crate) amqp: Option<String>,
+    /// `sources.kafka`: publishes go to Kafka.
+    pub(crate) kafka: Option<String>,
     replicas_gauge: Family<FnLabel, Gauge>,
     backlog_gauge: Family<FnLabel, Gauge>,
 }
@@ -151,6 +155,11 @@ impl Dev {
         }
     }
 
+    /// Whether events go through the in-memory bus (no broker source).
+    pub(crate) fn uses_bus(&self) -> bool {
+        self.nats.is_none() && self.amqp.is_none() && self.kafka.is_none()
+    }
+
     fn spec(&self, name: &str) -> Option<Arc<FunctionSpec>> {
         self.stack
             .read()
@@ -163,9 +172,15 @@ impl Dev {
 /// Runs `ebb dev` until `shutdown`, then stops every replica.
 pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let stack = stack::load(&cfg.stack)?;
-    if stack.sources.amqp.is_some() || stack.sources.kafka.is_some() {
+    let src = &stack.sources;
+    if [src.nats.is_some(), src.amqp.is_some(), src.kafka.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count()
+        > 1
+    {
         return Err(Error::Config(format!(
-            "{}: sources.amqp and sources.kafka are not supported by ebb dev yet (only sources.nats); remove them to use the in-memory bus",
+            "{}: sources: give one of nats, amqp and kafka (or none for the in-memory bus)",
             cfg.stack.display()
         )));
     }
@@ -236,7 +251,8 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
-    if nats.is_none() {
+    let uses_bus = nats.is_none() && src.amqp.is_none() && src.kafka.is_none();
+    if uses_bus {
         bus.update(&stack.functions);
     }
     let (ctx, crx) = watch::channel(Arc::new(stack.catalog()));
@@ -250,6 +266,8 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         decisions: Mutex::new(HashMap::new()),
         reload_error: Mutex::new(None),
         nats,
+        amqp: stack.sources.amqp.clone(),
+        kafka: stack.sources.kafka.clone(),
         replicas_gauge,
         backlog_gauge,
     });
@@ -267,7 +285,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         stop.clone(),
     )));
     // A NATS source: the real connector, in process.
-    let mut nats_task = None;
+    let mut source_task = None;
     if let Some(url) = &stack.sources.nats {
         let cfg = ebb_connectors::nats::NatsConfig {
             url: url.clone(),
@@ -276,19 +294,62 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         let ready = Arc::new(ebb_connectors::admin::Readiness::default());
         let s = stop.clone();
         let (e, c) = (engine.clone(), crx.clone());
-        nats_task = Some(tokio::spawn(async move {
+        source_task = Some(tokio::spawn(async move {
             if let Err(e) = ebb_connectors::nats::run(cfg, c, e, ready, s.cancelled_owned()).await {
                 tracing::error!(error = %e, "the NATS source stopped");
             }
         }));
     }
-    let scaler = match &stack.sources.nats {
-        Some(url) => Some(
-            ebb_autoscaler::scalers::nats::NatsScaler::connect(url, "EBB", Duration::from_secs(2))
+    // A RabbitMQ or Kafka source: the real connector, in process.
+    if let Some(url) = &stack.sources.amqp {
+        let cfg = ebb_connectors::amqp::AmqpConfig {
+            url: url.clone(),
+            ..Default::default()
+        };
+        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
+        let s = stop.clone();
+        let (e, c) = (engine.clone(), crx.clone());
+        source_task = Some(tokio::spawn(async move {
+            if let Err(e) = ebb_connectors::amqp::run(cfg, c, e, ready, s.cancelled_owned()).await {
+                tracing::error!(error = %e, "the RabbitMQ source stopped");
+            }
+        }));
+    }
+    if let Some(brokers) = &stack.sources.kafka {
+        let cfg = ebb_connectors::kafka::KafkaConfig {
+            brokers: brokers.clone(),
+            ..Default::default()
+        };
+        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
+        let s = stop.clone();
+        let (e, c) = (engine.clone(), crx.clone());
+        source_task = Some(tokio::spawn(async move {
+            if let Err(e) = ebb_connectors::kafka::run(cfg, c, e, ready, s.cancelled_owned()).await
+            {
+                tracing::error!(error = %e, "the Kafka source stopped");
+            }
+        }));
+    }
+    let timeout = Duration::from_secs(2);
+    let scaler = if let Some(url) = &stack.sources.nats {
+        Some(SourceScaler::Nats(
+            ebb_autoscaler::scalers::nats::NatsScaler::connect(url, "EBB", timeout)
                 .await
                 .map_err(|e| Error::Run(format!("sources.nats: {e}")))?,
-        ),
-        None => None,
+        ))
+    } else if let Some(url) = &stack.sources.amqp {
+        Some(SourceScaler::Amqp(
+            ebb_autoscaler::scalers::rabbitmq::RabbitMqScaler::amqp(url, timeout)
+                .map_err(|e| Error::Config(format!("sources.amqp: {e}")))?,
+        ))
+    } else {
+        stack.sources.kafka.as_ref().map(|b| {
+            SourceScaler::Kafka(ebb_autoscaler::scalers::kafka::KafkaScaler::new(
+                b,
+                ebb_autoscaler::scalers::kafka::OffsetReset::Latest,
+                timeout,
+            ))
+        })
     };
     tasks.push(tokio::spawn(scale_loop(dev.clone(), scaler, stop.clone())));
     tasks.push(tokio::spawn(reload_loop(dev.clone(), ctx, stop.clone())));
@@ -313,7 +374,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     stop.cancel();
     engine.stopping().cancel();
     bus.shutdown().await;
-    if let Some(t) = nats_task {
+    if let Some(t) = source_task {
         let _ = t.await;
     }
     for t in tasks {
@@ -327,13 +388,38 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// The backlog of a broker source, read as the autoscaler reads it.
+enum SourceScaler {
+    Nats(ebb_autoscaler::scalers::nats::NatsScaler),
+    Amqp(ebb_autoscaler::scalers::rabbitmq::RabbitMqScaler),
+    Kafka(ebb_autoscaler::scalers::kafka::KafkaScaler),
+}
+
+impl SourceScaler {
+    /// Messages waiting for `f`, those in its calls included.
+    async fn backlog(&self, f: &FunctionSpec, inflight: f64) -> Result<f64, String> {
+        match self {
+            // Pending (NATS), ready (a passive declare): calls in flight
+            // are added.
+            Self::Nats(s) => s
+                .read(f)
+                .await
+                .map(|r| r.backlog + inflight)
+                .map_err(|e| e.to_string()),
+            Self::Amqp(s) => s
+                .read(f)
+                .await
+                .map(|r| r.backlog + inflight)
+                .map_err(|e| e.to_string()),
+            // The lag already counts what is taken and not committed.
+            Self::Kafka(s) => s.read(f).await.map(|r| r.lag).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Every interval: the autoscaler's policy over each local function's
 /// backlog, applied to its replicas.
-async fn scale_loop(
-    dev: Arc<Dev>,
-    scaler: Option<ebb_autoscaler::scalers::nats::NatsScaler>,
-    stop: CancellationToken,
-) {
+async fn scale_loop(dev: Arc<Dev>, scaler: Option<SourceScaler>, stop: CancellationToken) {
     let mut states: HashMap<String, PolicyState> = HashMap::new();
     let mut delivered: HashMap<String, u64> = HashMap::new();
     let mut tick = tokio::time::interval(dev.cfg.interval);
@@ -360,8 +446,8 @@ async fn scale_loop(
             if let Some(s) = &scaler
                 && !f.topics.is_empty()
             {
-                backlog = match s.read(f).await {
-                    Ok(r) => Some(r.backlog + dev.inflight(&f.name).max(0) as f64),
+                backlog = match s.backlog(f, dev.inflight(&f.name).max(0) as f64).await {
+                    Ok(b) => Some(b),
                     Err(e) => {
                         tracing::debug!(function = %f.name, error = %e, "backlog unknown");
                         None
@@ -476,7 +562,7 @@ async fn reload_loop(dev: Arc<Dev>, catalog: watch::Sender<Arc<Catalog>>, stop: 
                 tracing::info!(function = %f.name, "function added");
             }
         }
-        if dev.nats.is_none() {
+        if dev.uses_bus() {
             dev.bus.update(&new.functions);
         }
         let _ = catalog.send(Arc::new(new.catalog()));

@@ -110,6 +110,28 @@ async fn publish(
             Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
         };
     }
+    if let Some(url) = &dev.amqp {
+        return match ebb_connectors::amqp::publish(url, "ebb", &topic, &event_headers, body).await {
+            Ok(()) => (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "confirmed": true })),
+            )
+                .into_response(),
+            Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
+        };
+    }
+    if let Some(brokers) = &dev.kafka {
+        return match ebb_connectors::kafka::publish(brokers, &topic, None, &event_headers, body)
+            .await
+        {
+            Ok((partition, offset)) => (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "partition": partition, "offset": offset })),
+            )
+                .into_response(),
+            Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
+        };
+    }
     match dev.bus.publish(&topic, event_headers, body) {
         Ok(p) => {
             if p.functions.is_empty() {
