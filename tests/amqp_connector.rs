@@ -472,26 +472,37 @@ async fn a_killed_connector_loses_nothing() {
 }
 
 #[tokio::test]
-async fn sigterm_releases_held_events_and_wakes_the_function() {
+async fn sigterm_finishes_calls_in_flight_and_releases_held_events() {
     let env = Env::start().await;
     let autoscaler = FakeAutoscaler::start().await;
     let port = free_port();
+    let slow = Sink::builder()
+        .otherwise(Reply::ok().delay(Duration::from_secs(2)))
+        .start()
+        .await;
     env.write_stack(&[
         func("sleepy", &format!("http://127.0.0.1:{port}"), &["jobs"])
             .set("dead-letter", "jobs.dead"),
+        func("slow", &slow.url(), &["slow"]),
     ]);
     let mut connector = env
         .connector(&["--autoscaler-url", &autoscaler.url()])
         .await;
     env.publish("jobs", "held-1", b"held").await;
+    env.publish("slow", "slow-1", b"in flight").await;
     autoscaler
         .wait_for_wake("/wake/default/sleepy", DELIVERY)
         .await;
+    slow.wait_for_calls(1, DELIVERY).await;
     assert_eq!(env.ready("ebb-default-sleepy").await, Some(0), "held");
 
     connector.child.signal(Signal::SIGTERM);
     let status = connector.child.wait(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "exit 0 after draining");
+    // The call in flight finished and was acked before the exit: it is
+    // not back in the queue.
+    assert_eq!(slow.completed(), 1);
+    assert_eq!(env.ready("ebb-default-slow").await, Some(0), "acked");
     // Given back, not acked, not dead-lettered.
     env.wait_ready_count("ebb-default-sleepy", Some(1), DELIVERY)
         .await;
@@ -504,6 +515,8 @@ async fn sigterm_releases_held_events_and_wakes_the_function() {
     env.wait_ready_count("ebb-default-sleepy", Some(0), DELIVERY)
         .await;
     assert_eq!(f.calls()[0].header("ce-id"), Some("held-1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(slow.count(), 1, "the acked message is not delivered again");
 }
 
 #[tokio::test]
@@ -546,19 +559,41 @@ async fn an_existing_queue_is_consumed_as_it_is() {
 }
 
 #[tokio::test]
-async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue() {
+async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue_once_empty() {
     let env = Env::start().await;
     let (f, g) = (Sink::start().await, Sink::start().await);
+    let slow = Sink::builder()
+        .otherwise(Reply::ok().delay(Duration::from_secs(2)))
+        .start()
+        .await;
     env.write_stack(&[
         func("f", &f.url(), &["old"]),
         func("g", &g.url(), &["keep"]),
+        func("h", &slow.url(), &["slow"]).set("max-inflight", "1"),
     ]);
     let _connector = env.connector(&["--reload-interval", "100ms"]).await;
     env.publish("old", "1", b"1").await;
     f.wait_for_calls(1, DELIVERY).await;
+    for i in 0..3 {
+        env.publish("slow", &format!("s{i}"), b"s").await;
+    }
+    slow.wait_for_calls(1, DELIVERY).await;
 
+    // g and h removed: g's empty queue is deleted; h's backlog is kept
+    // (unbound), and its call in flight finishes and is acked.
     env.write_stack(&[func("f", &f.url(), &["new"])]);
     env.wait_ready_count("ebb-default-g", None, DELIVERY).await;
+    env.wait_ready_count("ebb-default-h", Some(2), DELIVERY)
+        .await;
+    slow.wait_until(DELIVERY, "the call in flight", |s| s.completed() == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.ready("ebb-default-h").await,
+        Some(2),
+        "kept, nothing requeued"
+    );
+    assert_eq!(slow.count(), 1);
     env.publish("new", "2", b"2").await;
     f.wait_for_calls(2, DELIVERY).await;
     // `old` is no longer bound anywhere: a mandatory publish comes back.

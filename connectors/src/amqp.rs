@@ -45,7 +45,7 @@ use crate::Error;
 use crate::admin::Readiness;
 use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
 use crate::event::Event;
-use crate::limit::{Limit, Permit};
+use crate::limit::Limit;
 use crate::routing::validate_subject;
 
 /// Settings of the AMQP connector.
@@ -288,6 +288,21 @@ fn attempt_of(msg: &AmqpMessage) -> u32 {
 struct AmqpDelivery {
     msg: AmqpMessage,
     attempt: u32,
+    /// Keeps the channel open until the message is settled: closing it
+    /// would requeue the message while its call still runs.
+    _channel: Channel,
+}
+
+/// An ack or nack that reached the channel; `Ok(false)` means the channel
+/// was gone (the broker has requeued the message) or it was settled.
+fn settled(r: Result<bool, lapin::Error>) -> Result<(), Error> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Ack(
+            "the channel closed first; the broker delivers the message again".into(),
+        )),
+        Err(e) => Err(Error::Ack(e.to_string())),
+    }
 }
 
 impl Delivery for AmqpDelivery {
@@ -302,12 +317,7 @@ impl Delivery for AmqpDelivery {
     }
     async fn ack(&mut self) -> Result<(), Error> {
         // A lost ack (connection drop) means a redelivery, never a loss.
-        self.msg
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Ack(e.to_string()))
+        settled(self.msg.acker.ack(BasicAckOptions::default()).await)
     }
     async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
         Ok(())
@@ -316,15 +326,15 @@ impl Delivery for AmqpDelivery {
         Ok(())
     }
     async fn release(&mut self) -> Result<(), Error> {
-        self.msg
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Ack(e.to_string()))
+        settled(
+            self.msg
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await,
+        )
     }
     async fn terminate(&mut self) -> Result<(), Error> {
         // Dead-lettered (stored, confirmed) or given up: remove it.
@@ -424,6 +434,13 @@ fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_mod
             tracing::error!(function = %key, error = %err, "skipping function: its topics are not valid routing keys");
             continue;
         }
+        if let Some(d) = &f.spec.dead_letter
+            && (d.len() > 255 || dead_letter_queue(d).len() > 255)
+        {
+            bad += 1;
+            tracing::error!(function = %key, "skipping function: its dead-letter topic is too long for AMQP (at most 238 bytes); use a shorter one");
+            continue;
+        }
         if f.spec.queue_name().len() > 255 {
             bad += 1;
             tracing::error!(function = %key, "skipping function: its queue name is longer than 255 bytes; set a shorter `queue`");
@@ -456,10 +473,17 @@ async fn open_session(
     let lost = Arc::new(Notify::new());
     {
         let lost = lost.clone();
+        let status = conn.status().clone();
         let mut events = conn.events_listener();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
+                // lapin reports a channel the broker closed (a refused
+                // declare, say) here too: only a lost connection counts.
                 if let lapin::Event::Error(e) = event {
+                    if status.connected() {
+                        tracing::debug!(error = %e, "RabbitMQ closed a channel");
+                        continue;
+                    }
                     tracing::warn!(error = %e, "RabbitMQ connection failed");
                     lost.notify_one();
                     break;
@@ -720,27 +744,46 @@ async fn reconcile(
             continue;
         }
         let queue = short("queue", &r.spec.queue_name())?;
-        match now {
-            // Its messages can never be delivered now; a queue left bound
-            // would collect every future message of its topics.
-            None => {
-                if let Err(e) = s
-                    .setup
-                    .queue_delete(queue.clone(), QueueDeleteOptions::default())
-                    .await
-                {
-                    tracing::warn!(function = %key, error = %e, "cannot delete the queue");
+        // Topics no longer routed to this queue: all of them when the
+        // function is gone (or now consumes another queue), else those
+        // dropped by the change.
+        let moved = now.is_none_or(|spec| spec.queue_name() != r.spec.queue_name());
+        for t in r
+            .spec
+            .topics
+            .iter()
+            .filter(|t| moved || now.is_some_and(|spec| !spec.topics.contains(t)))
+        {
+            let k = short("topic", &binding_key(t))?;
+            s.setup
+                .queue_unbind(queue.clone(), exchange.clone(), k, FieldTable::default())
+                .await
+                .map_err(|e| Error::Broker(format!("unbind {t} from {queue}: {e}")))?;
+        }
+        if moved {
+            // Nothing new reaches it now. Deleted only when empty and
+            // unused: a backlog is never thrown away (a function skipped
+            // for a bad setting comes back to it once fixed). A refused
+            // delete closes its channel, so it gets one of its own.
+            let deleted = match s.conn.create_channel().await {
+                Ok(ch) => {
+                    let r = ch
+                        .queue_delete(
+                            queue.clone(),
+                            QueueDeleteOptions {
+                                if_unused: true,
+                                if_empty: true,
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                    let _ = ch.close(200, "done".into()).await;
+                    r.is_ok()
                 }
-            }
-            // Topics dropped by the change are unbound below.
-            Some(spec) => {
-                for t in r.spec.topics.iter().filter(|t| !spec.topics.contains(t)) {
-                    let k = short("topic", &binding_key(t))?;
-                    s.setup
-                        .queue_unbind(queue.clone(), exchange.clone(), k, FieldTable::default())
-                        .await
-                        .map_err(|e| Error::Broker(format!("unbind {t} from {queue}: {e}")))?;
-                }
+                Err(_) => false,
+            };
+            if !deleted {
+                tracing::warn!(function = %key, %queue, "the queue still holds messages: kept (unbound); delete it yourself if they are not needed");
             }
         }
     }
@@ -885,17 +928,6 @@ async fn start_consumer(
     Ok((channel, consumer, tag, queue_name))
 }
 
-/// Takes one slot of the function and one of the process, or `None` on stop.
-async fn slot(
-    limit: &Arc<Limit>,
-    global: &Arc<Limit>,
-    stop: &CancellationToken,
-) -> Option<(Permit, Permit)> {
-    let a = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => return None };
-    let b = tokio::select! { p = global.acquire() => p, () = stop.cancelled() => return None };
-    Some((a, b))
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     channel: Channel,
@@ -913,11 +945,10 @@ async fn consume(
 ) {
     let key = target.key.clone();
     loop {
-        // A message is taken into a call only when a slot is free; until
-        // then it waits in the prefetch (backpressure).
-        let Some(permits) = slot(&limit, &global, &stop).await else {
-            break;
-        };
+        // A message is taken into a call only when a slot of the function
+        // is free, then one of the process; until then it waits in the
+        // prefetch (backpressure). An idle function holds no process slot.
+        let own = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => break };
         let next = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -937,10 +968,19 @@ async fn consume(
                 break;
             }
         };
+        let any = tokio::select! {
+            p = global.acquire() => p,
+            () = stop.cancelled() => {
+                let _ = msg.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                break;
+            }
+        };
+        let permits = (own, any);
         let event = amqp_event(&msg, &queue);
         let delivery = AmqpDelivery {
             attempt: attempt_of(&msg),
             msg,
+            _channel: channel.clone(),
         };
         let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
         tracker.spawn(async move {

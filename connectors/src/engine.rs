@@ -148,6 +148,11 @@ pub trait DeadLetterSink: Send + Sync {
         headers: HeaderMap,
         body: Bytes,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Whether a failed publish may succeed when tried again (`false` for
+    /// a sink that can never store one).
+    fn can_retry(&self) -> bool {
+        true
+    }
 }
 
 /// A sink for sources without dead-letter support: every publish fails, so
@@ -159,6 +164,9 @@ impl DeadLetterSink for NoDeadLetters {
         Err(Error::DeadLetter(format!(
             "this source cannot publish dead letters (to {destination})"
         )))
+    }
+    fn can_retry(&self) -> bool {
+        false
     }
 }
 
@@ -703,7 +711,30 @@ impl Engine {
             return;
         };
         let headers = dead_letter_headers(event, &info);
-        match sink.publish(destination, headers, event.body.clone()).await {
+        let mut published = sink
+            .publish(destination, headers.clone(), event.body.clone())
+            .await;
+        // A source that does not redeliver keeps the event here: try the
+        // dead letter again (doubling pauses up to the backoff cap) until
+        // it is stored or the process stops. Giving the event back would
+        // have it come straight back (or, on Kafka, stall its partition).
+        let mut pause = self.config.backoff.base;
+        while let Err(e) = &published {
+            if d.redelivers() || !sink.can_retry() || self.stopping.is_cancelled() {
+                break;
+            }
+            self.metrics.error("dead_letter");
+            tracing::error!(function = %function, position = %event.position, %destination, error = %e, retry_in = ?pause, "cannot publish the dead letter; trying again");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stopping.cancelled() => break,
+            }
+            pause = (pause * 2).min(self.config.backoff.cap);
+            published = sink
+                .publish(destination, headers.clone(), event.body.clone())
+                .await;
+        }
+        match published {
             Ok(()) => {
                 if let Err(e) = d.terminate().await {
                     tracing::warn!(function = %function, error = %e, "dead-lettered, but cannot terminate the original; it may be delivered again");
