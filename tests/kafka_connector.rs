@@ -15,6 +15,7 @@ use nix::sys::signal::Signal;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use support::sink::{FakeAutoscaler, Reply, Sink};
 use support::{ChildGuard, KafkaMock, ebb_command, free_port, http, unique_name, within};
@@ -102,8 +103,11 @@ impl Env {
         cmd.args(["connector", "kafka", "--functions"])
             .arg(self.stack_path())
             .args(["--url", &self.kafka.bootstrap_servers()])
-            .args(["--admin-addr", &admin, "--offset-reset", "earliest"])
-            .args(["--retry-base-delay", "50ms", "--retry-max-delay", "200ms"])
+            .args(["--admin-addr", &admin]);
+        if !extra.contains(&"--offset-reset") {
+            cmd.args(["--offset-reset", "earliest"]);
+        }
+        cmd.args(["--retry-base-delay", "50ms", "--retry-max-delay", "200ms"])
             .args(["--drain-timeout", "10s"])
             .args(extra);
         let mut c = Connector {
@@ -347,8 +351,8 @@ async fn a_killed_connector_loses_nothing() {
     drop(first);
     assert_eq!(
         env.committed("ebb-default-f", "work", 1),
-        [None],
-        "never committed"
+        [Some(0)],
+        "only where reading started"
     );
 
     f.set_otherwise(Reply::ok());
@@ -375,25 +379,73 @@ async fn sigterm_leaves_a_held_event_uncommitted_and_it_comes_back() {
         &format!("http://127.0.0.1:{port}"),
         &["jobs"],
     )]);
+    // `latest`, the default: a new group starts with new messages, so the
+    // test produces until one is read (the function at zero is woken).
+    let latest = ["--offset-reset", "latest"];
     let mut connector = env
-        .connector(&["--autoscaler-url", &autoscaler.url()])
+        .connector(&["--autoscaler-url", &autoscaler.url(), latest[0], latest[1]])
         .await;
-    env.produce("jobs", 0, "k", "held").await;
-    autoscaler
-        .wait_for_wake("/wake/default/sleepy", DELIVERY)
-        .await;
+    let deadline = Instant::now() + DELIVERY;
+    while autoscaler.wakes().is_empty() {
+        assert!(Instant::now() < deadline, "nothing read");
+        env.produce("jobs", 0, "k", "held").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let end = env.produce("jobs", 0, "k", "held").await + 1;
     connector.child.signal(Signal::SIGTERM);
     let status = connector.child.wait(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "{}", connector.child.output());
-    assert_eq!(env.committed("ebb-default-sleepy", "jobs", 1), [None]);
+    // Only where the reading started is committed: the held message was
+    // not finished.
+    let start = env.committed("ebb-default-sleepy", "jobs", 1)[0].expect("start committed");
+    assert!(start < end - 1, "start {start}, end {end}");
     drop(connector);
 
+    // A new connector (still `latest`) resumes there: the held message and
+    // the ones after it are delivered, none skipped.
     let f = Sink::builder().port(port).start().await;
-    let _again = env.connector(&[]).await;
-    f.wait_for_calls(1, DELIVERY).await;
-    env.wait_committed("ebb-default-sleepy", "jobs", &[Some(1)])
+    let _again = env.connector(&latest).await;
+    env.wait_committed("ebb-default-sleepy", "jobs", &[Some(end)])
         .await;
-    assert_eq!(f.calls()[0].text(), "held");
+    let ids: Vec<String> = f
+        .calls()
+        .iter()
+        .filter_map(|c| c.header("ce-id").map(str::to_owned))
+        .collect();
+    let want: Vec<String> = (start..end).map(|o| format!("jobs/0/{o}")).collect();
+    assert_eq!(ids, want);
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_stored_is_tried_again_before_the_commit() {
+    let env = Env::start();
+    env.kafka.create_topic("jobs", 1);
+    env.kafka.create_topic("jobs.dead", 1);
+    let f = Sink::builder().otherwise(Reply::status(400)).start().await;
+    env.write_stack(&[func("f", &f.url(), &["jobs"]).set("dead-letter", "jobs.dead")]);
+    let mut connector = env.connector(&[]).await;
+    env.produce("jobs", 0, "k", "bad").await;
+    // The brokers refuse the next produce requests: the dead letter is not
+    // stored, so the message is not committed, and it is tried again.
+    env.kafka.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    f.wait_for_calls(1, DELIVERY).await;
+    connector
+        .child
+        .wait_for_output("cannot publish the dead letter; trying again", DELIVERY)
+        .await;
+    assert_eq!(env.committed("ebb-default-f", "jobs", 1), [Some(0)]);
+    let dead = env.read_one("jobs.dead").await;
+    assert_eq!(dead.payload(), Some(&b"bad"[..]));
+    env.wait_committed("ebb-default-f", "jobs", &[Some(1)])
+        .await;
+    assert_eq!(
+        f.count(),
+        1,
+        "the call is not repeated, only the dead letter"
+    );
 }
 
 #[tokio::test]

@@ -115,8 +115,10 @@ struct Part {
 }
 
 impl Offsets {
-    /// A message was taken.
-    pub fn take(&mut self, topic: &str, partition: i32, offset: i64) {
+    /// A message was taken; `true` when it is the first of its partition
+    /// (whose start should be committed before it is delivered).
+    pub fn take(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+        let first = !self.parts.contains_key(&(topic.to_owned(), partition));
         // The first message read is where the partition's reading began.
         let p = self
             .parts
@@ -128,6 +130,7 @@ impl Offsets {
             });
         p.pending.insert(offset);
         p.next = p.next.max(offset + 1);
+        first
     }
 
     /// A message was delivered or dead-lettered.
@@ -137,21 +140,32 @@ impl Offsets {
         }
     }
 
-    /// Offsets to commit now (`(topic, partition, next offset)`), those that
-    /// moved since the last call; they are taken as committed.
-    pub fn to_commit(&mut self) -> Vec<(String, i32, i64)> {
+    /// Offsets to commit now (`(topic, partition, next offset)`): those
+    /// that moved past the last commit that landed.
+    pub fn to_commit(&self) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
-        for ((topic, partition), p) in &mut self.parts {
+        for ((topic, partition), p) in &self.parts {
             let upto = p.pending.first().copied().unwrap_or(p.next);
             if upto > p.committed {
-                p.committed = upto;
                 out.push((topic.clone(), *partition, upto));
             }
         }
         out.sort();
         out
     }
+
+    /// These offsets were committed.
+    pub fn committed(&mut self, points: &[(String, i32, i64)]) {
+        for (topic, partition, offset) in points {
+            if let Some(p) = self.parts.get_mut(&(topic.clone(), *partition)) {
+                p.committed = p.committed.max(*offset);
+            }
+        }
+    }
 }
+
+/// Lanes per partition with `kafka-ordering: key`.
+pub const KEY_LANES: u64 = 64;
 
 /// Which lane a message goes to: messages of one lane are delivered one at a
 /// time, in order; `None` means no order is kept (delivered at once).
@@ -163,10 +177,13 @@ pub fn lane(
 ) -> Option<(String, i32, u64)> {
     match (ordering, key) {
         (KafkaOrdering::Partition, _) => Some((topic.to_owned(), partition, 0)),
+        // Keys share a bounded number of lanes per partition: one key always
+        // lands in the same lane (so its messages keep their order), and
+        // many keys do not make many lanes.
         (KafkaOrdering::Key, Some(k)) => {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             k.hash(&mut h);
-            Some((topic.to_owned(), partition, h.finish()))
+            Some((topic.to_owned(), partition, h.finish() % KEY_LANES))
         }
         // Messages without a key have no order to keep.
         (KafkaOrdering::Key, None) | (KafkaOrdering::None, _) => None,
@@ -176,6 +193,27 @@ pub fn lane(
 /// HTTP headers of a Kafka message: its headers whose value is valid in
 /// HTTP, and the key as `ce-partitionkey` (CloudEvents' Kafka binding).
 pub fn http_headers(msg: &OwnedMessage) -> HeaderMap {
+    // rdkafka panics on a header name that is not UTF-8: such a message
+    // is delivered without its headers rather than stopping the consumer.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| broker_headers(msg)));
+    let mut out = read.unwrap_or_else(|_| {
+        tracing::warn!(
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            "a header name is not UTF-8; the message is delivered without its headers"
+        );
+        HeaderMap::new()
+    });
+    if let Some(k) = msg.key()
+        && let Ok(v) = http::HeaderValue::from_bytes(k)
+    {
+        out.insert("ce-partitionkey", v);
+    }
+    out
+}
+
+fn broker_headers(msg: &OwnedMessage) -> HeaderMap {
     let mut out = HeaderMap::new();
     if let Some(h) = msg.headers() {
         for header in h.iter() {
@@ -189,11 +227,6 @@ pub fn http_headers(msg: &OwnedMessage) -> HeaderMap {
                 out.append(name, v);
             }
         }
-    }
-    if let Some(k) = msg.key()
-        && let Ok(v) = http::HeaderValue::from_bytes(k)
-    {
-        out.insert("ce-partitionkey", v);
     }
     out
 }
@@ -372,9 +405,16 @@ pub async fn run(
     loop {
         let snapshot = catalog.borrow_and_update().clone();
         let functions = routable(&snapshot, engine.metrics());
-        reconcile(&cfg, &functions, &mut running, &engine, &sink, &global).await;
+        let failed = reconcile(&cfg, &functions, &mut running, &engine, &sink, &global).await;
         ready.set(true);
+        // A consumer that could not be created is tried again.
+        let retry = if failed {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(3600)
+        };
         tokio::select! {
+            () = tokio::time::sleep(retry) => {}
             r = catalog.changed() => {
                 if r.is_err() {
                     shutdown.as_mut().await;
@@ -413,7 +453,8 @@ async fn reconcile(
     engine: &Arc<Engine>,
     sink: &Arc<KafkaDeadLetters>,
     global: &Arc<Limit>,
-) {
+) -> bool {
+    let mut failed = false;
     let wanted: HashMap<String, &ebb_model::Function> =
         functions.iter().map(|f| (f.key(), f)).collect();
     let gone: Vec<String> = running
@@ -452,7 +493,8 @@ async fn reconcile(
             Ok(c) => Arc::new(c),
             Err(e) => {
                 engine.metrics().error("consumer");
-                tracing::error!(function = %key, error = %e, "cannot consume for this function");
+                tracing::error!(function = %key, error = %e, "cannot consume for this function; trying again in 5s");
+                failed = true;
                 continue;
             }
         };
@@ -481,6 +523,7 @@ async fn reconcile(
             },
         );
     }
+    failed
 }
 
 fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer, Error> {
@@ -501,6 +544,9 @@ fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer
         // A crashed connector's partitions move to another after 10 s
         // (librdkafka's default is 45 s).
         .set("session.timeout.ms", "10000")
+        // Reading pauses while every slot is busy (a hold lasts up to
+        // --hold-timeout, 5 min): leave the group only after 15 min.
+        .set("max.poll.interval.ms", "900000")
         // What librdkafka fetches ahead of the slots, per consumer.
         .set("queued.max.messages.kbytes", "4096")
         .create()
@@ -512,17 +558,6 @@ fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer
     Ok(consumer)
 }
 
-/// Takes one slot of the function and one of the process, or `None` on stop.
-async fn slot(
-    limit: &Arc<Limit>,
-    global: &Arc<Limit>,
-    stop: &CancellationToken,
-) -> Option<(Permit, Permit)> {
-    let a = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => return None };
-    let b = tokio::select! { p = global.acquire() => p, () = stop.cancelled() => return None };
-    Some((a, b))
-}
-
 /// A message taken, ready to deliver.
 struct Job {
     event: Event,
@@ -530,28 +565,43 @@ struct Job {
     permits: (Permit, Permit),
 }
 
-/// Commits what finished since the last commit.
-fn commit(consumer: &StreamConsumer, offsets: &Mutex<Offsets>, mode: CommitMode, key: &str) {
+/// Commits `points` (synchronously: call it off the async threads).
+fn commit_points(consumer: &StreamConsumer, points: &[(String, i32, i64)]) -> Result<(), String> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in points {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| e.to_string())
+}
+
+/// Commits what finished since the last commit that landed; one that fails
+/// is tried again next time. A partition taken away by a rebalance: its new
+/// reader starts from the last commit that landed, repeating, never
+/// skipping.
+async fn commit(consumer: &Arc<StreamConsumer>, offsets: &Arc<Mutex<Offsets>>, key: &str) {
     let points = match offsets.lock() {
-        Ok(mut o) => o.to_commit(),
+        Ok(o) => o.to_commit(),
         Err(_) => return,
     };
     if points.is_empty() {
         return;
     }
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition, offset) in &points {
-        if tpl
-            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .is_err()
-        {
-            return;
+    let c = consumer.clone();
+    let done =
+        tokio::task::spawn_blocking(move || commit_points(&c, &points).map(|()| points)).await;
+    match done {
+        Ok(Ok(points)) => {
+            if let Ok(mut o) = offsets.lock() {
+                o.committed(&points);
+            }
         }
-    }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        // A partition taken away by a rebalance: its new reader starts
-        // from the last commit that landed, repeating, never skipping.
-        tracing::warn!(function = %key, error = %e, "cannot commit offsets");
+        Ok(Err(e)) => {
+            tracing::warn!(function = %key, error = %e, "cannot commit offsets; trying again")
+        }
+        Err(e) => tracing::warn!(function = %key, error = %e, "commit task failed"),
     }
 }
 
@@ -592,14 +642,16 @@ async fn consume(
         }
     };
     loop {
-        let permits = tokio::select! {
-            p = slot(&limit, &global, &stop) => p,
+        // A slot of the function before reading, one of the process once a
+        // message is there: an idle function holds no process slot.
+        let own = tokio::select! {
+            p = limit.acquire() => p,
+            () = stop.cancelled() => break,
             _ = tick.tick() => {
-                commit(&consumer, &offsets, CommitMode::Async, &key);
+                commit(&consumer, &offsets, &key).await;
                 continue;
             }
         };
-        let Some(permits) = permits else { break };
         let msg = loop {
             tokio::select! {
                 biased;
@@ -615,13 +667,34 @@ async fn consume(
                         }
                     }
                 },
-                _ = tick.tick() => commit(&consumer, &offsets, CommitMode::Async, &key),
+                _ = tick.tick() => commit(&consumer, &offsets, &key).await,
             }
         };
         let Some(msg) = msg else { break };
+        let any = tokio::select! {
+            p = global.acquire() => p,
+            // Not taken: read again by the next consumer.
+            () = stop.cancelled() => break,
+        };
+        let permits = (own, any);
         let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
-        if let Ok(mut o) = offsets.lock() {
-            o.take(&topic, partition, offset);
+        let first = offsets
+            .lock()
+            .map(|mut o| o.take(&topic, partition, offset))
+            .unwrap_or(false);
+        if first {
+            // Where this partition's reading starts, committed before its
+            // first delivery: a group new to it would otherwise start past
+            // a message held here if the process stopped (`latest`).
+            let c = consumer.clone();
+            let start = vec![(topic.clone(), partition, offset)];
+            match tokio::task::spawn_blocking(move || commit_points(&c, &start)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(function = %key, error = %e, "cannot commit where the partition starts")
+                }
+                Err(e) => tracing::warn!(function = %key, error = %e, "commit task failed"),
+            }
         }
         let job = Job {
             event: kafka_event(&msg),
@@ -669,8 +742,13 @@ async fn consume(
     {
         tracing::warn!(function = %key, "drain timeout passed; unfinished messages are read again by the next consumer");
     }
-    commit(&consumer, &offsets, CommitMode::Sync, &key);
-    consumer.unsubscribe();
+    commit(&consumer, &offsets, &key).await;
+    // Leaving the group blocks until librdkafka has closed the consumer.
+    let _ = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await;
     tracing::debug!(function = %key, "consumer stopped");
 }
 
@@ -705,8 +783,9 @@ mod tests {
     #[test]
     fn offsets_commit_only_past_a_finished_prefix() {
         let mut o = Offsets::default();
-        for off in 10..15 {
-            o.take("t", 0, off);
+        assert!(o.take("t", 0, 10), "the first of its partition");
+        for off in 11..15 {
+            assert!(!o.take("t", 0, off));
         }
         assert!(o.to_commit().is_empty(), "nothing finished");
         // Finished out of order: 11 and 12 wait for 10.
@@ -714,7 +793,11 @@ mod tests {
         o.finish("t", 0, 12);
         assert!(o.to_commit().is_empty());
         o.finish("t", 0, 10);
-        assert_eq!(o.to_commit(), [("t".to_owned(), 0, 13)]);
+        let points = o.to_commit();
+        assert_eq!(points, [("t".to_owned(), 0, 13)]);
+        // Until the commit lands, it is asked for again.
+        assert_eq!(o.to_commit(), points, "a failed commit is tried again");
+        o.committed(&points);
         assert!(o.to_commit().is_empty(), "committed once");
         o.finish("t", 0, 14);
         assert!(o.to_commit().is_empty(), "13 is still unfinished");
@@ -730,10 +813,9 @@ mod tests {
         o.take("u", 0, 7);
         o.finish("t", 1, 5);
         o.finish("u", 0, 7);
-        assert_eq!(
-            o.to_commit(),
-            [("t".to_owned(), 1, 6), ("u".to_owned(), 0, 8)]
-        );
+        let points = o.to_commit();
+        assert_eq!(points, [("t".to_owned(), 1, 6), ("u".to_owned(), 0, 8)]);
+        o.committed(&points);
         // A finish for a partition never taken changes nothing.
         o.finish("v", 3, 1);
         assert!(o.to_commit().is_empty());
@@ -759,6 +841,11 @@ mod tests {
             p(KafkaOrdering::Key, 1, Some(b"b"))
         );
         assert_eq!(p(KafkaOrdering::Key, 1, None), None);
+        // However many keys, at most KEY_LANES lanes a partition.
+        let lanes: std::collections::HashSet<_> = (0..10_000u32)
+            .map(|k| p(KafkaOrdering::Key, 1, Some(&k.to_be_bytes()[..])))
+            .collect();
+        assert!(lanes.len() <= KEY_LANES as usize, "{}", lanes.len());
         assert_eq!(p(KafkaOrdering::None, 1, Some(b"a")), None);
     }
 
