@@ -44,7 +44,7 @@ enum Command {
     Publish(PublishArgs),
     /// Run everything on this machine from a stack file: no Kubernetes, no broker needed.
     Dev(DevArgs),
-    /// Render Kubernetes manifests for a stack file (not implemented yet).
+    /// Render Kubernetes manifests (Deployments and Services) for a stack file.
     Deploy(DeployArgs),
 }
 
@@ -497,12 +497,37 @@ struct DevArgs {
 
 #[derive(Debug, Args)]
 struct DeployArgs {
+    /// The image with `ebb` and the functions' handlers.
+    #[arg(long, env = "EBB_IMAGE")]
+    image: String,
+    /// Namespace of the Deployments and Services.
+    #[arg(long, env = "EBB_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The stack file, e.g. examples/stack.yaml.
     stack: PathBuf,
 }
 
-fn not_implemented(what: &str) -> ExitCode {
-    eprintln!("ebb {what}: not implemented yet (see the README for what works today)");
-    ExitCode::from(EXIT_CONFIG)
+/// `ebb deploy`: manifests on stdout, functions left out on stderr.
+fn run_deploy(args: DeployArgs) -> ExitCode {
+    let text = match std::fs::read_to_string(&args.stack) {
+        Ok(t) => t,
+        Err(e) => {
+            return config_error(
+                "deploy",
+                format!("cannot read {}: {e}", args.stack.display()),
+            );
+        }
+    };
+    match ebb_kube::manifests::render(&text, &args.image, &args.namespace) {
+        Ok(r) => {
+            for s in &r.skipped {
+                eprintln!("ebb deploy: {s}");
+            }
+            print!("{}", r.yaml);
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_error("deploy", format!("{}: {e}", args.stack.display())),
+    }
 }
 
 impl Cli {
@@ -529,7 +554,7 @@ impl Cli {
             Command::Autoscaler(args) => run_autoscaler(args).await,
             Command::Publish(args) => run_publish(args).await,
             Command::Dev(args) => run_dev(args).await,
-            Command::Deploy(_) => not_implemented("deploy"),
+            Command::Deploy(args) => run_deploy(args),
         }
     }
 }

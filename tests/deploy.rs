@@ -388,3 +388,71 @@ async fn the_connector_role_allows_every_request_the_cron_connector_makes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebb_deploy_renders_the_example_stack_into_workers_that_start() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = within(
+        Duration::from_secs(20),
+        "ebb deploy",
+        ebb_command()
+            .args([
+                "deploy",
+                "--image",
+                "registry.example/shop:1",
+                "--namespace",
+                "shop",
+            ])
+            .arg(root.join("examples/stack.yaml"))
+            .output(),
+    )
+    .await
+    .expect("run ebb deploy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    let deployments: Vec<&Value> = docs.iter().filter(|d| kind(d) == "Deployment").collect();
+    let services = docs.iter().filter(|d| kind(d) == "Service").count();
+    assert!(!deployments.is_empty());
+    assert_eq!(deployments.len(), services, "a Service per Deployment");
+    for d in deployments {
+        assert_eq!(d["metadata"]["namespace"].as_str(), Some("shop"));
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["image"].as_str(), Some("registry.example/shop:1"));
+        // The worker's arguments parse and it serves (on loopback here).
+        let mut args: Vec<String> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        args[1] = format!("--listen=127.0.0.1:{}", free_port());
+        let mut cmd = ebb_command();
+        cmd.args(&args).current_dir(root.join("examples"));
+        let mut child = ChildGuard::spawn(name(d), &mut cmd);
+        child
+            .wait_for_output("worker listening", Duration::from_secs(20))
+            .await;
+        assert!(child.terminate(Duration::from_secs(10)).await.success());
+    }
+    // A bad stack file: exit 2, naming the file.
+    let out = within(
+        Duration::from_secs(20),
+        "ebb deploy",
+        ebb_command()
+            .args(["deploy", "--image", "i"])
+            .arg(root.join("nonexistent.yaml"))
+            .output(),
+    )
+    .await
+    .expect("run ebb deploy");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent.yaml"));
+}

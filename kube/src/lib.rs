@@ -23,6 +23,7 @@
 mod discovery;
 mod error;
 pub mod lease;
+pub mod manifests;
 mod recorder;
 
 #[cfg(test)]
