@@ -1,13 +1,13 @@
-//! ebb's connectors: take events from a source (NATS today; AMQP, Kafka and
-//! cron to come) and deliver each one to every function subscribed to its
-//! topic, at least once, with retries, holds while a function has no ready
-//! replica, wake-ups and dead letters.
+//! ebb's connectors: take events from a source (NATS, RabbitMQ, Kafka, cron)
+//! and deliver each one to every function subscribed to its topic, at least
+//! once, with retries, holds while a function has no ready replica,
+//! wake-ups and dead letters.
 //!
 //! The broker-independent parts live here once: the [`engine`] (calls,
 //! retries, holds, dead letters), the [`retry`] policy, [`routing`], the
 //! CloudEvents [`event`] headers, concurrency [`limit`]s, the function
 //! [`catalog`] sources and the [`admin`] server. Each source adds only its
-//! broker-specific part ([`nats`]).
+//! broker-specific part ([`nats`], [`amqp`], [`kafka`], [`cron`]).
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
