@@ -500,3 +500,33 @@ async fn ebb_publish_kafka_and_bad_topics() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_removed_function_stops_reading_and_the_others_go_on() {
+    let env = Env::start();
+    env.kafka.create_topic("jobs", 1);
+    let (f, g) = (Sink::start().await, Sink::start().await);
+    env.write_stack(&[
+        func("f", &f.url(), &["jobs"]),
+        func("g", &g.url(), &["jobs"]),
+    ]);
+    let mut connector = env.connector(&["--reload-interval", "100ms"]).await;
+    env.produce("jobs", 0, "k", "one").await;
+    f.wait_for_calls(1, DELIVERY).await;
+    g.wait_for_calls(1, DELIVERY).await;
+    env.wait_committed("ebb-default-g", "jobs", &[Some(1)])
+        .await;
+
+    env.write_stack(&[func("f", &f.url(), &["jobs"])]);
+    connector
+        .child
+        .wait_for_output("stopping consumer", DELIVERY)
+        .await;
+    env.produce("jobs", 0, "k", "two").await;
+    f.wait_for_calls(2, DELIVERY).await;
+    env.wait_committed("ebb-default-f", "jobs", &[Some(2)])
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(g.count(), 1, "a removed function gets nothing more");
+    assert_eq!(env.committed("ebb-default-g", "jobs", 1), [Some(1)]);
+}

@@ -726,17 +726,24 @@ async fn reconcile(
         .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
         .map(|(k, _)| k.clone())
         .collect();
+    // Stopped together, not one after another.
+    let mut stopped = Vec::new();
     for key in gone {
-        let Some(mut r) = running.remove(&key) else {
-            continue;
-        };
-        r.stop.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
-            .await
-            .is_err()
-        {
+        if let Some(r) = running.remove(&key) {
+            r.stop.cancel();
+            stopped.push((key, r));
+        }
+    }
+    let all = futures::future::join_all(stopped.iter_mut().map(|(_, r)| &mut r.task));
+    if tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .is_err()
+    {
+        for (_, r) in &stopped {
             r.task.abort();
         }
+    }
+    for (key, r) in stopped {
         let now = wanted.get(&key).map(|f| &f.spec);
         tracing::info!(function = %key, removed = now.is_none(), "stopping consumer");
         if r.spec.queue.is_some() {

@@ -462,16 +462,24 @@ async fn reconcile(
         .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
         .map(|(k, _)| k.clone())
         .collect();
+    // Stopped together, not one after another; a consumer still finishing
+    // its calls after the wait goes on in the background (aborting it
+    // would drop its librdkafka consumer on an async thread).
+    let mut stopping = Vec::new();
     for key in gone {
-        if let Some(mut r) = running.remove(&key) {
+        if let Some(r) = running.remove(&key) {
             tracing::info!(function = %key, "stopping consumer");
             r.stop.cancel();
-            if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), &mut r.task)
-                .await
-                .is_err()
-            {
-                r.task.abort();
-            }
+            stopping.push(r.task);
+        }
+    }
+    if !stopping.is_empty() {
+        let all = futures::future::join_all(stopping);
+        if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a stopped consumer is still finishing its calls");
         }
     }
     for f in functions {
