@@ -18,8 +18,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use nix::sys::signal::Signal;
+use support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
 use support::sink::{FakeAutoscaler, Reply, Sink};
-use support::{ChildGuard, RabbitMq, Vhost, ebb_command, free_port, http, within};
+use support::{ChildGuard, RabbitMq, Vhost, ebb_command, free_port, within};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -34,46 +35,6 @@ const EXCHANGE: &str = "ebb";
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-struct Func {
-    name: String,
-    url: String,
-    topics: Vec<String>,
-    settings: Vec<(String, String)>,
-}
-
-fn func(name: &str, url: &str, topics: &[&str]) -> Func {
-    Func {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-        settings: Vec::new(),
-    }
-}
-
-impl Func {
-    fn set(mut self, key: &str, value: &str) -> Self {
-        self.settings.push((key.to_owned(), value.to_owned()));
-        self
-    }
-}
-
-fn stack_yaml(funcs: &[Func]) -> String {
-    let mut out = String::from("functions:\n");
-    for f in funcs {
-        let topics: Vec<String> = f.topics.iter().map(|t| format!("{t:?}")).collect();
-        out.push_str(&format!(
-            "  - name: {}\n    url: {}\n    topics: [{}]\n",
-            f.name,
-            f.url,
-            topics.join(", ")
-        ));
-        for (k, v) in &f.settings {
-            out.push_str(&format!("    {k}: {v}\n"));
-        }
-    }
-    out
-}
 
 /// A test's vhost, temp dir (stack file) and AMQP channel.
 struct Env {
@@ -120,9 +81,7 @@ impl Env {
     }
 
     fn write_stack(&self, funcs: &[Func]) {
-        let tmp = self.dir.path().join("stack.yaml.tmp");
-        std::fs::write(&tmp, stack_yaml(funcs)).expect("write stack file");
-        std::fs::rename(&tmp, self.stack_path()).expect("rename stack file");
+        write_stack(&self.stack_path(), &stack_yaml(funcs));
     }
 
     /// Starts `ebb connector amqp` on the stack file and waits until ready.
@@ -248,29 +207,7 @@ struct Connector {
 
 impl Connector {
     async fn wait_ready(&mut self) {
-        let url = format!("http://{}/_/ready", self.admin);
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = self.child.try_status() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                panic!(
-                    "the connector exited ({status}) before it was ready; output:\n{}",
-                    self.child.output()
-                );
-            }
-            let answer =
-                http::request(hyper::Method::GET, &url, None, None, Duration::from_secs(1)).await;
-            if answer.is_ok_and(|r| r.status == 200) {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "the connector was not ready within {READY:?}; output:\n{}",
-                    self.child.output()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&mut self.child, &self.admin, READY).await;
     }
 }
 

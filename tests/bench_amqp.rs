@@ -27,39 +27,13 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use nix::sys::signal::Signal;
-use support::{ChildGuard, RabbitMq, ebb_command, free_port, http, within};
+use support::connector::wait_ready;
+use support::proc_stat::{clock_ticks_per_second, cpu_ticks, status_mib};
+use support::{ChildGuard, RabbitMq, ebb_command, free_port, within};
 use tokio::time::Instant;
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-fn ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+/// Bound of a connector start.
+const READY: Duration = Duration::from_secs(30);
 
 async fn ready_messages(url: &str, queue: &str) -> u32 {
     let conn = Connection::connect(url, ConnectionProperties::default())
@@ -88,19 +62,6 @@ fn start_connector(stack: &std::path::Path, url: &str, admin: &str) -> ChildGuar
         .args(["--url", url, "--admin-addr", admin])
         .env("EBB_LOG", "warn");
     ChildGuard::spawn("connector", &mut cmd)
-}
-
-async fn wait_ready(admin: &str) {
-    let url = format!("http://{admin}/_/ready");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let r = http::request(hyper::Method::GET, &url, None, None, Duration::from_secs(1)).await;
-        if r.is_ok_and(|r| r.status == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the connector was not ready within 30s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +107,7 @@ async fn amqp_connector_throughput() {
 
     // 1. Queue declared and bound; connector down; backlog published.
     let mut first = start_connector(&stack, vhost.url(), &admin);
-    wait_ready(&admin).await;
+    wait_ready(&mut first, &admin, READY).await;
     first.signal(Signal::SIGTERM);
     first.wait(Duration::from_secs(15)).await;
     drop(first);
@@ -187,30 +148,30 @@ async fn amqp_connector_throughput() {
     // 2. The drain.
     let mut second = start_connector(&stack, vhost.url(), &admin);
     let pid = second.pid();
-    wait_ready(&admin).await;
+    wait_ready(&mut second, &admin, READY).await;
     let started = Instant::now();
     let cpu0 = cpu_ticks(pid);
-    let mut peak = rss_mib(pid);
+    let mut peak = status_mib(pid, "VmRSS");
     let deadline = started + Duration::from_secs(300);
     let distinct = || seen.lock().expect("lock").len() as u64;
     while distinct() < count {
         assert!(Instant::now() < deadline, "not drained within 300s");
-        peak = peak.max(rss_mib(pid));
+        peak = peak.max(status_mib(pid, "VmRSS"));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Acked, too: nothing comes back to the queue.
     let secs = started.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid) - cpu0) as f64 / ticks_per_second();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks_per_second();
     second.signal(Signal::SIGTERM);
     let status = second.wait(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
     assert_eq!(ready_messages(vhost.url(), "ebb-default-bench").await, 0);
 
     // 3. Idle RSS of a fresh connector.
-    let third = start_connector(&stack, vhost.url(), &admin);
-    wait_ready(&admin).await;
+    let mut third = start_connector(&stack, vhost.url(), &admin);
+    wait_ready(&mut third, &admin, READY).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = rss_mib(third.pid());
+    let idle = status_mib(third.pid(), "VmRSS");
     drop(third);
 
     println!(

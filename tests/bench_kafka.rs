@@ -28,44 +28,18 @@ use nix::sys::signal::Signal;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use support::{ChildGuard, KafkaMock, ebb_command, free_port, http};
+use support::connector::wait_ready;
+use support::proc_stat::{clock_ticks_per_second, cpu_ticks, status_mib};
+use support::{ChildGuard, KafkaMock, ebb_command, free_port};
 use tokio::time::Instant;
+
+/// Bound of a connector start.
+const READY: Duration = Duration::from_secs(30);
 
 /// librdkafka's mock stops serving a partition's fetches past about 5 MB
 /// (seen with a bare consumer too): 12 partitions keep 40 000 messages of
 /// 1 KiB under that.
 const PARTITIONS: i32 = 12;
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-fn ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// Sum of the group's committed offsets over the topic's partitions.
 fn committed(brokers: &str, group: &str, topic: &str) -> i64 {
@@ -88,19 +62,6 @@ fn committed(brokers: &str, group: &str, topic: &str) -> i64 {
             _ => 0,
         })
         .sum()
-}
-
-async fn wait_ready(admin: &str) {
-    let url = format!("http://{admin}/_/ready");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let r = http::request(hyper::Method::GET, &url, None, None, Duration::from_secs(1)).await;
-        if r.is_ok_and(|r| r.status == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the connector was not ready within 30s");
 }
 
 async fn run(kafka: &KafkaMock, count: u64, ordering: &str) {
@@ -180,7 +141,7 @@ async fn run(kafka: &KafkaMock, count: u64, ordering: &str) {
         .env("EBB_LOG", "warn");
     let mut connector = ChildGuard::spawn("connector", &mut cmd);
     let pid = connector.pid();
-    wait_ready(&admin).await;
+    wait_ready(&mut connector, &admin, READY).await;
     let distinct = || seen.lock().expect("lock").len() as u64;
     // Timed from the first delivery: joining the group takes the mock ~3 s.
     let joining = Instant::now();
@@ -193,7 +154,7 @@ async fn run(kafka: &KafkaMock, count: u64, ordering: &str) {
     }
     let started = Instant::now();
     let cpu0 = cpu_ticks(pid);
-    let mut peak = rss_mib(pid);
+    let mut peak = status_mib(pid, "VmRSS");
     let group = format!("ebb-default-bench-{ordering}");
     let deadline = started + Duration::from_secs(300);
     let mut report = Instant::now();
@@ -207,7 +168,7 @@ async fn run(kafka: &KafkaMock, count: u64, ordering: &str) {
             "not delivered within 300s ({} of {count})",
             distinct()
         );
-        peak = peak.max(rss_mib(pid));
+        peak = peak.max(status_mib(pid, "VmRSS"));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let delivered_secs = started.elapsed().as_secs_f64();
@@ -216,7 +177,7 @@ async fn run(kafka: &KafkaMock, count: u64, ordering: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid) - cpu0) as f64 / ticks_per_second();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks_per_second();
     connector.signal(Signal::SIGTERM);
     assert_eq!(
         connector.wait(Duration::from_secs(30)).await.code(),

@@ -17,8 +17,9 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
 use support::sink::{FakeAutoscaler, Reply, Sink};
-use support::{ChildGuard, KafkaMock, ebb_command, free_port, http, unique_name, within};
+use support::{ChildGuard, KafkaMock, ebb_command, free_port, unique_name, within};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -26,29 +27,6 @@ const STEP: Duration = Duration::from_secs(10);
 const READY: Duration = Duration::from_secs(30);
 /// Group joins on the mock take a few seconds.
 const DELIVERY: Duration = Duration::from_secs(30);
-
-struct Func {
-    name: String,
-    url: String,
-    topics: Vec<String>,
-    settings: Vec<(String, String)>,
-}
-
-fn func(name: &str, url: &str, topics: &[&str]) -> Func {
-    Func {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-        settings: Vec::new(),
-    }
-}
-
-impl Func {
-    fn set(mut self, key: &str, value: &str) -> Self {
-        self.settings.push((key.to_owned(), value.to_owned()));
-        self
-    }
-}
 
 struct Env {
     kafka: KafkaMock,
@@ -79,22 +57,7 @@ impl Env {
     }
 
     fn write_stack(&self, funcs: &[Func]) {
-        let mut out = String::from("functions:\n");
-        for f in funcs {
-            let topics: Vec<String> = f.topics.iter().map(|t| format!("{t:?}")).collect();
-            out.push_str(&format!(
-                "  - name: {}\n    url: {}\n    topics: [{}]\n",
-                f.name,
-                f.url,
-                topics.join(", ")
-            ));
-            for (k, v) in &f.settings {
-                out.push_str(&format!("    {k}: {v}\n"));
-            }
-        }
-        let tmp = self.dir.path().join("stack.yaml.tmp");
-        std::fs::write(&tmp, out).expect("write stack file");
-        std::fs::rename(&tmp, self.stack_path()).expect("rename stack file");
+        write_stack(&self.stack_path(), &stack_yaml(funcs));
     }
 
     async fn connector(&self, extra: &[&str]) -> Connector {
@@ -196,28 +159,7 @@ struct Connector {
 
 impl Connector {
     async fn wait_ready(&mut self) {
-        let url = format!("http://{}/_/ready", self.admin);
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = self.child.try_status() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                panic!(
-                    "the connector exited ({status}) before it was ready; output:\n{}",
-                    self.child.output()
-                );
-            }
-            let answer =
-                http::request(hyper::Method::GET, &url, None, None, Duration::from_secs(1)).await;
-            if answer.is_ok_and(|r| r.status == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready within {READY:?}; output:\n{}",
-                self.child.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&mut self.child, &self.admin, READY).await;
     }
 }
 

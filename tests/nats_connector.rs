@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
+use support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
 use support::sink::{Call, FakeAutoscaler, Reply, Sink};
 use support::{ChildGuard, NatsServer, ebb_command, free_port, http, within};
 use tempfile::TempDir;
@@ -34,48 +35,6 @@ const DEAD_STREAM: &str = "EBB_DEAD";
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// One function of a stack file.
-struct Func {
-    name: String,
-    url: String,
-    topics: Vec<String>,
-    settings: Vec<(String, String)>,
-}
-
-fn func(name: &str, url: &str, topics: &[&str]) -> Func {
-    Func {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-        settings: Vec::new(),
-    }
-}
-
-impl Func {
-    /// Any other stack-file key, written as given (`max-attempts`, `3`).
-    fn set(mut self, key: &str, value: &str) -> Self {
-        self.settings.push((key.to_owned(), value.to_owned()));
-        self
-    }
-}
-
-fn stack_yaml(funcs: &[Func]) -> String {
-    let mut out = String::from("functions:\n");
-    for f in funcs {
-        let topics: Vec<String> = f.topics.iter().map(|t| format!("{t:?}")).collect();
-        out.push_str(&format!(
-            "  - name: {}\n    url: {}\n    topics: [{}]\n",
-            f.name,
-            f.url,
-            topics.join(", ")
-        ));
-        for (k, v) in &f.settings {
-            out.push_str(&format!("    {k}: {v}\n"));
-        }
-    }
-    out
-}
 
 /// A test's nats-server, temp dir (stack file) and JetStream client.
 struct Env {
@@ -115,9 +74,7 @@ impl Env {
     }
 
     fn write_stack_text(&self, text: &str) {
-        let tmp = self.dir.path().join("stack.yaml.tmp");
-        std::fs::write(&tmp, text).expect("write stack file");
-        std::fs::rename(&tmp, self.stack_path()).expect("rename stack file");
+        write_stack(&self.stack_path(), text);
     }
 
     /// Starts `ebb connector nats` on the stack file and waits until it is
@@ -297,29 +254,7 @@ struct Connector {
 
 impl Connector {
     async fn wait_ready(&mut self) {
-        let url = format!("http://{}/_/ready", self.admin);
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = self.child.try_status() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                panic!(
-                    "the connector exited ({status}) before it was ready; output:\n{}",
-                    self.child.output()
-                );
-            }
-            let answer =
-                http::request(hyper::Method::GET, &url, None, None, Duration::from_secs(1)).await;
-            if answer.is_ok_and(|r| r.status == 200) {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "the connector was not ready within {READY:?}; output:\n{}",
-                    self.child.output()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&mut self.child, &self.admin, READY).await;
     }
 
     async fn metrics(&self) -> String {

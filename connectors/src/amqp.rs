@@ -41,8 +41,11 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ebb_runtime::redact_url;
+
 use crate::Error;
 use crate::admin::Readiness;
+use crate::consumers::{Running, limit_for, routable};
 use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
 use crate::event::Event;
 use crate::limit::Limit;
@@ -108,33 +111,19 @@ fn short(what: &str, s: &str) -> Result<ShortString, Error> {
     })
 }
 
-/// Hides the password of an AMQP URL for logs and errors.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((auth, host)) => {
-                let user = auth.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
 /// Connects once; a malformed URL is a configuration error.
 async fn connect_once(url: &str, name: &str) -> Result<Connection, Error> {
     let uri: lapin::uri::AMQPUri = url.parse().map_err(|e| {
         Error::Config(format!(
             "--url {}: not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost",
-            redact(url)
+            redact_url(url)
         ))
     })?;
     let props = ConnectionProperties::default()
         .with_client_property("connection_name".into(), LongString::from(name));
     Connection::connect_uri(uri, props)
         .await
-        .map_err(|e| Error::Broker(format!("connect to {}: {e}", redact(url))))
+        .map_err(|e| Error::Broker(format!("connect to {}: {e}", redact_url(url))))
 }
 
 /// Connects; retries until connected or `stop`.
@@ -145,7 +134,7 @@ async fn connect(url: &str, name: &str, stop: &CancellationToken) -> Result<Conn
             Ok(c) => return Ok(c),
             Err(e @ Error::Config(_)) => return Err(e),
             Err(e) => {
-                tracing::warn!(url = %redact(url), error = %e, ?delay, "cannot connect to RabbitMQ; retrying");
+                tracing::warn!(url = %redact_url(url), error = %e, ?delay, "cannot connect to RabbitMQ; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.cancelled() => return Err(e),
@@ -402,55 +391,34 @@ async fn publish_confirmed(
     }
 }
 
-/// One function's consumer.
-struct Running {
-    spec: Arc<FunctionSpec>,
-    limit: Arc<Limit>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn limit_for(spec: &FunctionSpec, ready: Option<u32>) -> usize {
-    spec.max_inflight as usize * ready.unwrap_or(1).max(1) as usize
-}
-
-/// Functions the connector serves: those with topics that are valid
-/// subjects, or an existing queue to consume.
-fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_model::Function> {
-    let mut out = Vec::new();
-    let mut bad = catalog.errors.len();
-    for f in &catalog.functions {
-        if f.spec.topics.is_empty() && f.spec.queue.is_none() {
-            continue;
-        }
-        let key = format!("{}/{}", f.spec.namespace, f.spec.name);
-        let topic_error = f.spec.topics.iter().find_map(|t| {
-            validate_subject(t).err().or_else(|| {
-                (t.len() > 255).then(|| format!("topic `{t}` is longer than 255 bytes"))
-            })
-        });
-        if let Some(err) = topic_error {
-            bad += 1;
-            tracing::error!(function = %key, error = %err, "skipping function: its topics are not valid routing keys");
-            continue;
-        }
-        if let Some(d) = &f.spec.dead_letter
-            && (d.len() > 255 || dead_letter_queue(d).len() > 255)
-        {
-            bad += 1;
-            tracing::error!(function = %key, "skipping function: its dead-letter topic is too long for AMQP (at most 238 bytes); use a shorter one");
-            continue;
-        }
-        if f.spec.queue_name().len() > 255 {
-            bad += 1;
-            tracing::error!(function = %key, "skipping function: its queue name is longer than 255 bytes; set a shorter `queue`");
-            continue;
-        }
-        out.push(f.clone());
+/// Whether the connector serves `spec` (topics that are valid routing keys,
+/// or an existing queue), and names that fit AMQP's 255 bytes.
+fn check(spec: &FunctionSpec) -> Option<Result<(), String>> {
+    if spec.topics.is_empty() && spec.queue.is_none() {
+        return None;
     }
-    metrics.config_errors.set(bad as i64);
-    metrics.functions.set(out.len() as i64);
-    out
+    let topic_error = spec.topics.iter().find_map(|t| {
+        validate_subject(t)
+            .err()
+            .or_else(|| (t.len() > 255).then(|| format!("topic `{t}` is longer than 255 bytes")))
+    });
+    if let Some(err) = topic_error {
+        return Some(Err(format!("its topics are not valid routing keys: {err}")));
+    }
+    if let Some(d) = &spec.dead_letter
+        && (d.len() > 255 || dead_letter_queue(d).len() > 255)
+    {
+        return Some(Err(
+            "its dead-letter topic is too long for AMQP (at most 238 bytes); use a shorter one"
+                .into(),
+        ));
+    }
+    if spec.queue_name().len() > 255 {
+        return Some(Err(
+            "its queue name is longer than 255 bytes; set a shorter `queue`".into(),
+        ));
+    }
+    Some(Ok(()))
 }
 
 /// The connection and what was set up on it.
@@ -540,7 +508,7 @@ pub async fn run(
     let _: lapin::uri::AMQPUri = cfg.url.parse().map_err(|e| {
         Error::Config(format!(
             "--url {}: not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost",
-            redact(&cfg.url)
+            redact_url(&cfg.url)
         ))
     })?;
     let stopping = engine.stopping().clone();
@@ -568,7 +536,7 @@ pub async fn run(
         }
         if let Some(s) = session.as_mut() {
             let snapshot = catalog.borrow_and_update().clone();
-            let functions = routable(&snapshot, engine.metrics());
+            let functions = routable(&snapshot, engine.metrics(), check);
             match reconcile(
                 &exchange,
                 s,
@@ -1083,15 +1051,6 @@ mod tests {
             "ebb-dead-letters-orders.dead"
         );
         assert_eq!(dead_letter_queue("a b/c"), "ebb-dead-letters-a_b_c");
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("amqp://user:secret@host:5672/vh"),
-            "amqp://user:***@host:5672/vh"
-        );
-        assert_eq!(redact("amqp://host"), "amqp://host");
     }
 
     #[test]

@@ -180,23 +180,33 @@ fn trim_ascii_end(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
+/// Runs a broker connector process: the shared parts, then the source
+/// (`nats::run`, `amqp::run`, `kafka::run`) on them, then the parts stop.
+async fn run_source<Fut>(
+    common: CommonOptions,
+    source: impl FnOnce(watch::Receiver<Arc<Catalog>>, Arc<Engine>, Arc<Readiness>) -> Fut,
+) -> Result<(), Error>
+where
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let parts = Parts::start(common).await?;
+    let r = source(
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        parts.ready.clone(),
+    )
+    .await;
+    parts.stop().await;
+    r
+}
+
 /// Runs the NATS connector process until `shutdown`.
 pub async fn run_nats(
     common: CommonOptions,
     nats: crate::nats::NatsConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let parts = Parts::start(common).await?;
-    let r = crate::nats::run(
-        nats,
-        parts.catalog.clone(),
-        parts.engine.clone(),
-        parts.ready.clone(),
-        shutdown,
-    )
-    .await;
-    parts.stop().await;
-    r
+    run_source(common, |c, e, r| crate::nats::run(nats, c, e, r, shutdown)).await
 }
 
 /// Runs the AMQP connector process until `shutdown`.
@@ -205,17 +215,7 @@ pub async fn run_amqp(
     amqp: crate::amqp::AmqpConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let parts = Parts::start(common).await?;
-    let r = crate::amqp::run(
-        amqp,
-        parts.catalog.clone(),
-        parts.engine.clone(),
-        parts.ready.clone(),
-        shutdown,
-    )
-    .await;
-    parts.stop().await;
-    r
+    run_source(common, |c, e, r| crate::amqp::run(amqp, c, e, r, shutdown)).await
 }
 
 /// Runs the Kafka connector process until `shutdown`.
@@ -224,17 +224,10 @@ pub async fn run_kafka(
     kafka: crate::kafka::KafkaConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let parts = Parts::start(common).await?;
-    let r = crate::kafka::run(
-        kafka,
-        parts.catalog.clone(),
-        parts.engine.clone(),
-        parts.ready.clone(),
-        shutdown,
-    )
-    .await;
-    parts.stop().await;
-    r
+    run_source(common, |c, e, r| {
+        crate::kafka::run(kafka, c, e, r, shutdown)
+    })
+    .await
 }
 
 /// Runs the cron connector process until `shutdown`: one instance from a

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
+use crate::consumers::{Running, limit_for, routable};
 use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
 use crate::event::Event;
 use crate::limit::{Limit, Permit};
@@ -343,45 +344,6 @@ fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, Error> {
         .map_err(|e| Error::Config(format!("--url {brokers}: {e}")))
 }
 
-/// One function's consumer task.
-struct Running {
-    spec: Arc<FunctionSpec>,
-    limit: Arc<Limit>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn limit_for(spec: &FunctionSpec, ready: Option<u32>) -> usize {
-    spec.max_inflight as usize * ready.unwrap_or(1).max(1) as usize
-}
-
-/// Functions the connector serves: those whose topics are Kafka topics.
-fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_model::Function> {
-    let mut out = Vec::new();
-    let mut bad = catalog.errors.len();
-    for f in &catalog.functions {
-        if f.spec.topics.is_empty() {
-            continue;
-        }
-        let dead = f.spec.dead_letter.iter();
-        if let Some(err) = f
-            .spec
-            .topics
-            .iter()
-            .chain(dead)
-            .find_map(|t| validate_topic(t).err())
-        {
-            bad += 1;
-            tracing::error!(function = %format!("{}/{}", f.spec.namespace, f.spec.name), error = %err, "skipping function");
-            continue;
-        }
-        out.push(f.clone());
-    }
-    metrics.config_errors.set(bad as i64);
-    metrics.functions.set(out.len() as i64);
-    out
-}
-
 /// Runs the connector until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: KafkaConfig,
@@ -404,7 +366,15 @@ pub async fn run(
 
     loop {
         let snapshot = catalog.borrow_and_update().clone();
-        let functions = routable(&snapshot, engine.metrics());
+        // Topics (and the dead-letter topic) must be Kafka topic names.
+        let functions = routable(&snapshot, engine.metrics(), |spec| {
+            (!spec.topics.is_empty()).then(|| {
+                spec.topics
+                    .iter()
+                    .chain(&spec.dead_letter)
+                    .try_for_each(|t| validate_topic(t))
+            })
+        });
         let failed = reconcile(&cfg, &functions, &mut running, &engine, &sink, &global).await;
         ready.set(true);
         // A consumer that could not be created is tried again.

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod catalog;
+mod consumers;
 pub mod cron;
 pub mod engine;
 pub mod event;

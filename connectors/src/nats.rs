@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Catalog, FunctionSpec};
+use ebb_model::Catalog;
 use futures::StreamExt;
 use http::HeaderMap;
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
+use crate::consumers::{Running, limit_for, routable};
 use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply, Target};
 use crate::event::Event;
 use crate::limit::{Limit, Permit};
@@ -317,38 +318,6 @@ fn time_utc(t: DateTime<Utc>) -> DateTime<Utc> {
     t
 }
 
-/// One function's consumer task.
-struct Running {
-    spec: Arc<FunctionSpec>,
-    limit: Arc<Limit>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn limit_for(spec: &FunctionSpec, ready: Option<u32>) -> usize {
-    spec.max_inflight as usize * ready.unwrap_or(1).max(1) as usize
-}
-
-/// Functions the connector serves: those with topics that are valid subjects.
-fn routable(catalog: &Catalog, metrics: &crate::metrics::Metrics) -> Vec<ebb_model::Function> {
-    let mut out = Vec::new();
-    let mut bad = catalog.errors.len();
-    for f in &catalog.functions {
-        if f.spec.topics.is_empty() {
-            continue;
-        }
-        if let Some(err) = f.spec.topics.iter().find_map(|t| validate_subject(t).err()) {
-            bad += 1;
-            tracing::error!(function = %format!("{}/{}", f.spec.namespace, f.spec.name), error = %err, "skipping function: its topics are not valid NATS subjects");
-            continue;
-        }
-        out.push(f.clone());
-    }
-    metrics.config_errors.set(bad as i64);
-    metrics.functions.set(out.len() as i64);
-    out
-}
-
 /// Runs the connector until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: NatsConfig,
@@ -369,7 +338,14 @@ pub async fn run(
 
     loop {
         let snapshot = catalog.borrow_and_update().clone();
-        let functions = routable(&snapshot, engine.metrics());
+        let functions = routable(&snapshot, engine.metrics(), |spec| {
+            (!spec.topics.is_empty()).then(|| {
+                spec.topics
+                    .iter()
+                    .try_for_each(|t| validate_subject(t))
+                    .map_err(|e| format!("its topics are not valid NATS subjects: {e}"))
+            })
+        });
         match reconcile(
             &cfg,
             &client,

@@ -88,6 +88,27 @@ where
     };
 }
 
+/// A URL without its password (`scheme://user:***@host/…`), for logs and
+/// error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[scheme_end..]
+        .find('/')
+        .map_or(url.len(), |i| scheme_end + i);
+    let Some(at) = url[scheme_end..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &url[scheme_end..scheme_end + at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    format!(
+        "{}{user}:***{}",
+        &url[..scheme_end],
+        &url[scheme_end + at..]
+    )
+}
+
 /// Parses a duration flag: `30s`, `500ms`, `5m`, `1h30m`, or a bare number of
 /// seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -139,6 +160,21 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/v"),
+            "amqp://guest:***@127.0.0.1:5672/v"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1/v"), "amqp://127.0.0.1/v");
+        assert_eq!(
+            redact_url("amqp://host/a@b"),
+            "amqp://host/a@b",
+            "an @ in the path is not a user"
+        );
+        assert_eq!(redact_url("amqp://u:p@ss@host"), "amqp://u:***@host");
+    }
+
     use super::*;
 
     #[test]

@@ -203,7 +203,7 @@ impl RabbitMqScaler {
     /// the connection is opened on the first read and reopened after it drops.
     pub fn amqp(url: &str, timeout: Duration) -> Result<Self, RabbitMqScalerError> {
         let uri: lapin::uri::AMQPUri = url.parse().map_err(|e| RabbitMqScalerError::Connect {
-            url: redact(url),
+            url: ebb_runtime::redact_url(url),
             message: format!("invalid AMQP URL: {e}"),
         })?;
         Ok(Self {
@@ -377,7 +377,7 @@ async fn read_amqp(
             .map_err(|e| match amqp_soft_error(&e) {
                 Some(AMQPSoftError::ACCESSREFUSED) => RabbitMqScalerError::Auth(e.to_string()),
                 _ => RabbitMqScalerError::Connect {
-                    url: redact(url),
+                    url: ebb_runtime::redact_url(url),
                     message: e.to_string(),
                 },
             })?;
@@ -448,26 +448,6 @@ fn encode_segment(s: &str) -> String {
     out
 }
 
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let authority_end = url[scheme_end..]
-        .find('/')
-        .map_or(url.len(), |i| scheme_end + i);
-    let Some(at) = url[scheme_end..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &url[scheme_end..scheme_end + at];
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    format!(
-        "{}{user}:***{}",
-        &url[..scheme_end],
-        &url[scheme_end + at..]
-    )
-}
-
 fn excerpt(text: &str) -> String {
     let mut out: String = text.chars().take(BODY_EXCERPT_CHARS).collect();
     if text.chars().count() > BODY_EXCERPT_CHARS {
@@ -485,15 +465,6 @@ mod tests {
         assert_eq!(encode_segment("/"), "%2F");
         assert_eq!(encode_segment("ebb-1_a.b~"), "ebb-1_a.b~");
         assert_eq!(encode_segment("a b/ü"), "a%20b%2F%C3%BC");
-    }
-
-    #[test]
-    fn redacts_the_password() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/v"),
-            "amqp://guest:***@127.0.0.1:5672/v"
-        );
-        assert_eq!(redact("amqp://127.0.0.1/v"), "amqp://127.0.0.1/v");
     }
 
     #[test]
