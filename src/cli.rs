@@ -201,7 +201,7 @@ struct AmqpArgs {
     #[command(flatten)]
     common: ConnectorArgs,
     /// The topic exchange topics are published to (declared durable).
-    #[arg(long, env = "EBB_EXCHANGE", default_value = "ebb")]
+    #[arg(long, env = "EBB_EXCHANGE", default_value = ebb_connectors::amqp::DEFAULT_EXCHANGE)]
     exchange: String,
 }
 
@@ -461,7 +461,7 @@ struct PublishArgs {
     #[arg(long, env = "EBB_AMQP_URL")]
     amqp: Option<String>,
     /// With --amqp: the exchange the connector uses.
-    #[arg(long, env = "EBB_EXCHANGE", default_value = "ebb", requires = "amqp")]
+    #[arg(long, env = "EBB_EXCHANGE", default_value = ebb_connectors::amqp::DEFAULT_EXCHANGE, requires = "amqp")]
     exchange: String,
     /// Publish to Kafka (host:port[,host:port]), waiting until the brokers
     /// have it (acks=all).

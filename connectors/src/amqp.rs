@@ -51,6 +51,9 @@ use crate::event::Event;
 use crate::limit::Limit;
 use crate::routing::validate_subject;
 
+/// The topic exchange topics are published to, unless configured.
+pub const DEFAULT_EXCHANGE: &str = "ebb";
+
 /// Settings of the AMQP connector.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
@@ -68,7 +71,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            exchange: "ebb".into(),
+            exchange: DEFAULT_EXCHANGE.into(),
             max_inflight_total: 1024,
             drain_timeout: Duration::from_secs(30),
         }

@@ -111,7 +111,15 @@ async fn publish(
         };
     }
     if let Some(url) = &dev.amqp {
-        return match ebb_connectors::amqp::publish(url, "ebb", &topic, &event_headers, body).await {
+        return match ebb_connectors::amqp::publish(
+            url,
+            ebb_connectors::amqp::DEFAULT_EXCHANGE,
+            &topic,
+            &event_headers,
+            body,
+        )
+        .await
+        {
             Ok(()) => (
                 StatusCode::ACCEPTED,
                 axum::Json(serde_json::json!({ "confirmed": true })),
