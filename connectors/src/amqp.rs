@@ -18,15 +18,16 @@
 //! NATS-style topics are translated into AMQP binding keys: `*` is one word
 //! in both, `>` becomes `#` (which in AMQP also matches zero words).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Catalog, FunctionSpec};
+use ebb_model::{Catalog, Function, FunctionSpec};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use http::HeaderMap;
 use lapin::Confirmation;
 use lapin::message::Delivery as AmqpMessage;
@@ -38,18 +39,15 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Notify, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use ebb_runtime::redact_url;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::consumers::{Running, limit_for, routable};
-use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::engine::{DeadLetterSink, Delivery, Engine};
 use crate::event::Event;
-use crate::limit::Limit;
 use crate::routing::validate_subject;
+use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Slots, Source};
 
 /// The topic exchange topics are published to, unless configured.
 pub const DEFAULT_EXCHANGE: &str = "ebb";
@@ -127,25 +125,6 @@ async fn connect_once(url: &str, name: &str) -> Result<Connection, Error> {
     Connection::connect_uri(uri, props)
         .await
         .map_err(|e| Error::Broker(format!("connect to {}: {e}", redact_url(url))))
-}
-
-/// Connects; retries until connected or `stop`.
-async fn connect(url: &str, name: &str, stop: &CancellationToken) -> Result<Connection, Error> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match connect_once(url, name).await {
-            Ok(c) => return Ok(c),
-            Err(e @ Error::Config(_)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(url = %redact_url(url), error = %e, ?delay, "cannot connect to RabbitMQ; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => return Err(e),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// HTTP headers from an AMQP message's headers and properties. Strings and
@@ -435,12 +414,8 @@ struct Session {
     lost: Arc<Notify>,
 }
 
-async fn open_session(
-    cfg: &AmqpConfig,
-    exchange: &ShortString,
-    stop: &CancellationToken,
-) -> Result<Session, Error> {
-    let conn = connect(&cfg.url, "ebb-connector-amqp", stop).await?;
+async fn open_session(cfg: &AmqpConfig, exchange: &ShortString) -> Result<Session, Error> {
+    let conn = connect_once(&cfg.url, "ebb-connector-amqp").await?;
     let lost = Arc::new(Notify::new());
     {
         let lost = lost.clone();
@@ -501,7 +476,7 @@ async fn open_session(
 /// Runs the connector until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: AmqpConfig,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
+    catalog: watch::Receiver<Arc<Catalog>>,
     engine: Arc<Engine>,
     ready: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
@@ -514,235 +489,195 @@ pub async fn run(
             redact_url(&cfg.url)
         ))
     })?;
-    let stopping = engine.stopping().clone();
-    let global = Limit::new(cfg.max_inflight_total.max(1));
-    let tracker = TaskTracker::new();
-    let mut running: HashMap<String, Running> = HashMap::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut session: Option<Session> = None;
-    let mut retry_in: Option<Duration> = None;
-
-    loop {
-        if session.is_none() {
-            let opened = tokio::select! {
-                s = open_session(&cfg, &exchange, &stopping) => s,
-                () = &mut shutdown => break,
-            };
-            match opened {
-                Ok(s) => session = Some(s),
-                Err(e @ Error::Config(_)) => return Err(e),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot set up RabbitMQ");
-                    retry_in = Some(next_retry(retry_in));
-                }
-            }
-        }
-        if let Some(s) = session.as_mut() {
-            let snapshot = catalog.borrow_and_update().clone();
-            let functions = routable(&snapshot, engine.metrics(), check);
-            match reconcile(
-                &exchange,
-                s,
-                &functions,
-                &mut running,
-                &engine,
-                &global,
-                &tracker,
-            )
-            .await
-            {
-                // Serving, perhaps without the functions that failed
-                // (each logged); those are tried again.
-                Ok(failed) => {
-                    ready.set(true);
-                    retry_in = (!failed.is_empty()).then(|| next_retry(retry_in));
-                }
-                Err(e) => {
-                    engine.metrics().error(e.metric_label());
-                    let d = next_retry(retry_in);
-                    tracing::error!(error = %e, retry_in = ?d, "cannot set up queues and consumers");
-                    retry_in = Some(d);
-                }
-            }
-        }
-        let wait = retry_in.unwrap_or(Duration::from_secs(3600));
-        let lost = session.as_ref().map(|s| s.lost.clone());
-        tokio::select! {
-            r = catalog.changed() => {
-                if r.is_err() {
-                    shutdown.as_mut().await;
-                    break;
-                }
-            }
-            () = tokio::time::sleep(wait) => {}
-            () = async { match &lost { Some(l) => l.notified().await, None => std::future::pending().await } } => {
-                // Start over on a new connection: the broker has already
-                // requeued every unacked message of the old one.
-                ready.set(false);
-                tracing::warn!("RabbitMQ connection lost; reconnecting");
-                stop_all(&mut running).await;
-                if let Some(s) = session.take() {
-                    let _ = s.conn.close(200, "reconnecting".into()).await;
-                }
-                retry_in = Some(Duration::from_millis(100));
-            }
-            () = &mut shutdown => break,
-        }
-    }
-
-    // Drain: stop consuming, let calls finish, give back what is held.
-    tracing::info!(drain_timeout = ?cfg.drain_timeout, inflight = global.in_use(), "stopping: no more deliveries taken; finishing in-flight calls");
-    ready.set(false);
-    stop_all(&mut running).await;
-    stopping.cancel();
-    tracker.close();
-    let drained = tokio::time::timeout(cfg.drain_timeout, tracker.wait())
-        .await
-        .is_ok();
-    if !drained {
-        tracing::warn!(
-            left = global.in_use(),
-            "drain timeout passed; unfinished messages go back to their queues"
-        );
-    }
-    if let Some(s) = session {
-        // Closing requeues whatever is still unacked.
-        if let Err(e) = s.conn.close(200, "ebb connector stopping".into()).await {
-            tracing::warn!(error = %e, "cannot close the RabbitMQ connection cleanly");
-        }
-    }
-    Ok(())
+    let settings = Settings {
+        max_inflight_total: cfg.max_inflight_total,
+        drain_timeout: cfg.drain_timeout,
+    };
+    let source = AmqpSource {
+        cfg,
+        exchange,
+        session: None,
+    };
+    supervisor::run(source, catalog, engine, ready, settings, shutdown).await
 }
 
-fn next_retry(prev: Option<Duration>) -> Duration {
-    prev.map_or(Duration::from_millis(500), |d| {
-        (d * 2).min(Duration::from_secs(10))
-    })
+/// The RabbitMQ source: a durable queue per function, bound to the topic
+/// exchange with its topics (or an existing queue), consumed on a channel
+/// of its own.
+struct AmqpSource {
+    cfg: AmqpConfig,
+    exchange: ShortString,
+    session: Option<Session>,
 }
 
-/// Stops every consumer and waits for their loops.
-async fn stop_all(running: &mut HashMap<String, Running>) {
-    for r in running.values() {
-        r.stop.cancel();
+impl AmqpSource {
+    fn session(&self) -> Result<&Session, Error> {
+        self.session
+            .as_ref()
+            .ok_or_else(|| Error::Broker("not connected to RabbitMQ".into()))
     }
-    for (_, mut r) in running.drain() {
-        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
-            .await
-            .is_err()
+
+    async fn bind(&self, queue: &ShortString, topic: &str, bind: bool) -> Result<(), Error> {
+        let s = self.session()?;
+        let k = short("topic", &binding_key(topic))?;
+        if bind {
+            s.setup
+                .queue_bind(
+                    queue.clone(),
+                    self.exchange.clone(),
+                    k,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("bind {topic} to {queue}: {e}")))
+        } else {
+            s.setup
+                .queue_unbind(
+                    queue.clone(),
+                    self.exchange.clone(),
+                    k,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("unbind {topic} from {queue}: {e}")))
+        }
+    }
+}
+
+impl Source for AmqpSource {
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
+        check(spec)
+    }
+
+    async fn connect(&mut self) -> Result<(), Error> {
+        if let Some(old) = self.session.take() {
+            // The broker has already requeued every unacked message of it.
+            let _ = old.conn.close(200, "reconnecting".into()).await;
+        }
+        self.session = Some(open_session(&self.cfg, &self.exchange).await?);
+        Ok(())
+    }
+
+    fn lost(&self) -> BoxFuture<'static, ()> {
+        match &self.session {
+            Some(s) => {
+                let lost = s.lost.clone();
+                Box::pin(async move { lost.notified().await })
+            }
+            None => Box::pin(std::future::pending()),
+        }
+    }
+
+    async fn prepare(&mut self, functions: &[Function]) -> Result<(), Error> {
+        let exchange = self.exchange.clone();
+        let Some(s) = self.session.as_mut() else {
+            return Err(Error::Broker("not connected to RabbitMQ".into()));
+        };
+        // A channel error (e.g. a refused declare) closes the channel: open
+        // another for the next steps.
+        if !s.setup.status().connected() {
+            s.setup = s
+                .conn
+                .create_channel()
+                .await
+                .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+        }
+        // Dead letters are kept in a queue of their own even before anyone
+        // subscribes to them.
+        for dest in functions
+            .iter()
+            .filter_map(|f| f.spec.dead_letter.as_deref())
         {
-            tracing::warn!("a consumer did not stop within 5s");
-            r.task.abort();
+            if s.dead_queues.contains(dest) {
+                continue;
+            }
+            let queue = short("dead-letter queue", &dead_letter_queue(dest))?;
+            let key = short("dead-letter topic", dest)?;
+            s.setup
+                .queue_declare(
+                    queue.clone(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("declare dead-letter queue {queue}: {e}")))?;
+            s.setup
+                .queue_bind(
+                    queue.clone(),
+                    exchange.clone(),
+                    key,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::Broker(format!("bind dead-letter queue {queue}: {e}")))?;
+            s.dead_queues.insert(dest.to_owned());
         }
-    }
-}
-
-async fn reconcile(
-    exchange: &ShortString,
-    s: &mut Session,
-    functions: &[ebb_model::Function],
-    running: &mut HashMap<String, Running>,
-    engine: &Arc<Engine>,
-    global: &Arc<Limit>,
-    tracker: &TaskTracker,
-) -> Result<Vec<String>, Error> {
-    // A channel error (e.g. a refused declare) closes the channel: open
-    // another for the next steps.
-    if !s.setup.status().connected() {
-        s.setup = s
-            .conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
-    }
-    // Dead letters are kept in a queue of their own even before anyone
-    // subscribes to them.
-    for dest in functions
-        .iter()
-        .filter_map(|f| f.spec.dead_letter.as_deref())
-    {
-        if s.dead_queues.contains(dest) {
-            continue;
-        }
-        let queue = short("dead-letter queue", &dead_letter_queue(dest))?;
-        let key = short("dead-letter topic", dest)?;
-        s.setup
-            .queue_declare(
-                queue.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::Broker(format!("declare dead-letter queue {queue}: {e}")))?;
-        s.setup
-            .queue_bind(
-                queue.clone(),
-                exchange.clone(),
-                key,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::Broker(format!("bind dead-letter queue {queue}: {e}")))?;
-        s.dead_queues.insert(dest.to_owned());
+        Ok(())
     }
 
-    // Stop what is gone or changed.
-    let wanted: HashMap<String, &ebb_model::Function> =
-        functions.iter().map(|f| (f.key(), f)).collect();
-    let gone: Vec<String> = running
-        .iter()
-        .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
-        .map(|(k, _)| k.clone())
-        .collect();
-    // Stopped together, not one after another.
-    let mut stopped = Vec::new();
-    for key in gone {
-        if let Some(r) = running.remove(&key) {
-            r.stop.cancel();
-            stopped.push((key, r));
-        }
+    async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {
+        let s = self.session()?;
+        let (channel, consumer, tag, queue) =
+            start_consumer(&self.exchange, s, &c.spec, c.limit.max()).await?;
+        let (sink, lost) = (s.sink.clone(), s.lost.clone());
+        Ok(Box::pin(async move {
+            consume(channel, consumer, tag, queue, c, sink, lost).await;
+            None
+        }))
     }
-    let all = futures::future::join_all(stopped.iter_mut().map(|(_, r)| &mut r.task));
-    if tokio::time::timeout(Duration::from_secs(5), all)
-        .await
-        .is_err()
-    {
-        for (_, r) in &stopped {
-            r.task.abort();
+
+    async fn refilter(&mut self, old: &FunctionSpec, new: &FunctionSpec) -> Result<bool, Error> {
+        // Bindings change where they are; an existing queue is the user's.
+        if old.queue.is_some() || new.queue.is_some() || old.queue_name() != new.queue_name() {
+            return Ok(false);
         }
+        let queue = short("queue", &new.queue_name())?;
+        for t in new.topics.iter().filter(|t| !old.topics.contains(t)) {
+            self.bind(&queue, t, true).await?;
+        }
+        for t in old.topics.iter().filter(|t| !new.topics.contains(t)) {
+            self.bind(&queue, t, false).await?;
+        }
+        Ok(true)
     }
-    for (key, r) in stopped {
-        let now = wanted.get(&key).map(|f| &f.spec);
-        tracing::info!(function = %key, removed = now.is_none(), "stopping consumer");
-        if r.spec.queue.is_some() {
+
+    async fn retire(
+        &mut self,
+        old: &FunctionSpec,
+        now: Option<&FunctionSpec>,
+    ) -> Result<(), Error> {
+        if old.queue.is_some() {
             // An existing queue is the user's: never unbound or deleted.
-            continue;
+            return Ok(());
         }
-        let queue = short("queue", &r.spec.queue_name())?;
+        let key = format!("{}/{}", old.namespace, old.name);
+        let queue = short("queue", &old.queue_name())?;
         // Topics no longer routed to this queue: all of them when the
         // function is gone (or now consumes another queue), else those
         // dropped by the change.
-        let moved = now.is_none_or(|spec| spec.queue_name() != r.spec.queue_name());
-        for t in r
-            .spec
+        let moved = now.is_none_or(|spec| spec.queue_name() != old.queue_name());
+        for t in old
             .topics
             .iter()
             .filter(|t| moved || now.is_some_and(|spec| !spec.topics.contains(t)))
         {
-            let k = short("topic", &binding_key(t))?;
-            s.setup
-                .queue_unbind(queue.clone(), exchange.clone(), k, FieldTable::default())
-                .await
-                .map_err(|e| Error::Broker(format!("unbind {t} from {queue}: {e}")))?;
+            self.bind(&queue, t, false).await?;
         }
         if moved {
             // Nothing new reaches it now. Deleted only when empty and
             // unused: a backlog is never thrown away (a function skipped
             // for a bad setting comes back to it once fixed). A refused
             // delete closes its channel, so it gets one of its own.
+            let s = self.session()?;
             let deleted = match s.conn.create_channel().await {
                 Ok(ch) => {
                     let r = ch
@@ -764,66 +699,17 @@ async fn reconcile(
                 tracing::warn!(function = %key, %queue, "the queue still holds messages: kept (unbound); delete it yourself if they are not needed");
             }
         }
+        Ok(())
     }
 
-    // Start what is new; resize the rest.
-    let mut failed = Vec::new();
-    for f in functions {
-        let key = f.key();
-        let limit = limit_for(&f.spec, f.ready_replicas);
-        if let Some(r) = running.get(&key) {
-            r.limit.set_max(limit);
-            continue;
+    async fn close(self) {
+        if let Some(s) = self.session {
+            // Closing requeues whatever is still unacked.
+            if let Err(e) = s.conn.close(200, "ebb connector stopping".into()).await {
+                tracing::warn!(error = %e, "cannot close the RabbitMQ connection cleanly");
+            }
         }
-        let target = match engine.target(f.spec.clone()) {
-            Ok(t) => t,
-            Err(e) => {
-                engine.metrics().config_errors.inc();
-                tracing::error!(function = %key, error = %e, "skipping function");
-                continue;
-            }
-        };
-        let started = start_consumer(exchange, s, f, limit).await;
-        let (channel, consumer, tag, queue_name) = match started {
-            Ok(c) => c,
-            Err(e) => {
-                // One function's queue (say, a `queue` that does not exist)
-                // does not keep the others from being served; it is tried
-                // again with the next retry.
-                engine.metrics().error(e.metric_label());
-                tracing::error!(function = %key, error = %e, "cannot consume for this function; retrying");
-                failed.push(key);
-                continue;
-            }
-        };
-        let stop = CancellationToken::new();
-        let flimit = Limit::new(limit);
-        let task = tokio::spawn(consume(
-            channel,
-            consumer,
-            tag,
-            queue_name.clone(),
-            target,
-            flimit.clone(),
-            global.clone(),
-            engine.clone(),
-            s.sink.clone(),
-            tracker.clone(),
-            stop.clone(),
-            s.lost.clone(),
-        ));
-        tracing::info!(function = %key, queue = %queue_name, topics = ?f.spec.topics, limit, "consuming");
-        running.insert(
-            key,
-            Running {
-                spec: f.spec.clone(),
-                limit: flimit,
-                stop,
-                task,
-            },
-        );
     }
-    Ok(failed)
 }
 
 /// Declares (or checks) a function's queue, binds its topics and starts
@@ -831,18 +717,18 @@ async fn reconcile(
 async fn start_consumer(
     exchange: &ShortString,
     s: &Session,
-    f: &ebb_model::Function,
+    spec: &FunctionSpec,
     limit: usize,
 ) -> Result<(Channel, lapin::Consumer, String, String), Error> {
-    let key = f.key();
-    let queue_name = f.spec.queue_name();
+    let key = format!("{}/{}", spec.namespace, spec.name);
+    let queue_name = spec.queue_name();
     let queue = short("queue", &queue_name)?;
     let channel = s
         .conn
         .create_channel()
         .await
         .map_err(|e| Error::Broker(format!("open a channel for {key}: {e}")))?;
-    if f.spec.queue.is_some() {
+    if spec.queue.is_some() {
         // Consume an existing queue as it is: it must exist.
         channel
             .queue_declare(
@@ -871,7 +757,7 @@ async fn start_consumer(
             )
             .await
             .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
-        for t in &f.spec.topics {
+        for t in &spec.topics {
             let k = short("topic", &binding_key(t))?;
             channel
                 .queue_bind(
@@ -893,7 +779,7 @@ async fn start_consumer(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| Error::Broker(format!("prefetch for {key}: {e}")))?;
-    let tag = format!("ebb-{}", f.spec.durable_name());
+    let tag = format!("ebb-{}", spec.durable_name());
     let consumer = channel
         .basic_consume(
             queue.clone(),
@@ -906,67 +792,58 @@ async fn start_consumer(
     Ok((channel, consumer, tag, queue_name))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn consume(
     channel: Channel,
     mut consumer: lapin::Consumer,
     tag: String,
     queue: String,
-    target: Arc<Target>,
-    limit: Arc<Limit>,
-    global: Arc<Limit>,
-    engine: Arc<Engine>,
+    c: Consumer,
     sink: Arc<AmqpDeadLetters>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
     lost: Arc<Notify>,
 ) {
-    let key = target.key.clone();
     loop {
         // A message is taken into a call only when a slot of the function
         // is free, then one of the process; until then it waits in the
         // prefetch (backpressure). An idle function holds no process slot.
-        let own = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => break };
+        let Some(own) = c.function_slot().await else {
+            break;
+        };
         let next = tokio::select! {
             biased;
-            () = stop.cancelled() => break,
+            () = c.stop.cancelled() => break,
             m = consumer.next() => m,
         };
         let msg = match next {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                engine.metrics().error("consume");
-                tracing::warn!(function = %key, error = %e, "consumer failed");
+                c.engine.metrics().error("consume");
+                tracing::warn!(function = %c.key(), error = %e, "consumer failed");
                 lost.notify_one();
                 break;
             }
             None => {
-                tracing::warn!(function = %key, "the broker cancelled the consumer (queue deleted?)");
+                tracing::warn!(function = %c.key(), "the broker cancelled the consumer (queue deleted?)");
                 lost.notify_one();
                 break;
             }
         };
-        let any = tokio::select! {
-            p = global.acquire() => p,
-            () = stop.cancelled() => {
-                let _ = msg.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
-                break;
-            }
+        let Some(any) = c.process_slot().await else {
+            let _ = msg
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            break;
         };
-        let permits = (own, any);
         let event = amqp_event(&msg, &queue);
         let delivery = AmqpDelivery {
             attempt: attempt_of(&msg),
             msg,
             _channel: channel.clone(),
         };
-        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
-        tracker.spawn(async move {
-            let _permits = permits;
-            engine
-                .deliver(&target, &event, delivery, sink.as_ref())
-                .await;
-        });
+        c.deliver(Slots::new(own, any), event, delivery, sink.clone());
     }
     // No more deliveries to this process: what the prefetch still holds
     // goes back to the queue (before any held event is given back, so the
@@ -976,7 +853,7 @@ async fn consume(
             .basic_cancel(tag, BasicCancelOptions::default())
             .await
     {
-        tracing::debug!(function = %key, error = %e, "cancel consumer");
+        tracing::debug!(function = %c.key(), error = %e, "cancel consumer");
     }
     while let Ok(Some(Ok(m))) =
         tokio::time::timeout(Duration::from_millis(50), consumer.next()).await
@@ -989,7 +866,7 @@ async fn consume(
             })
             .await;
     }
-    tracing::debug!(function = %key, "consumer stopped");
+    tracing::debug!(function = %c.key(), "consumer stopped");
 }
 
 /// Publishes one message (for `ebb publish --amqp`) to `exchange` with

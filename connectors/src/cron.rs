@@ -37,11 +37,13 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::Error;
+use crate::admin::Readiness;
 use crate::engine::{Engine, InProcess, NoDeadLetters, NoReply, Target};
 use crate::event::Event;
 use crate::schedule::Schedule;
+use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Source};
 
 /// A tick that cannot fire within this of its time is missed (unless the
 /// function's starting deadline is longer).
@@ -361,17 +363,17 @@ struct Shared<F> {
     alarms: Arc<Alarms>,
     ticks: Arc<dyn TickStore>,
     metrics: CronMetrics,
-    tracker: TaskTracker,
 }
 
-/// One function's schedule loop.
+/// One function's schedule loop: its "consumer". Fires run in the
+/// consumer's tracker, so stopping it lets them finish.
 async fn run_function<F: Fire>(
     shared: Arc<Shared<F>>,
-    target: Arc<Target>,
+    c: Consumer,
     schedule: Schedule,
     mut last: Option<DateTime<Utc>>,
-    stop: CancellationToken,
 ) {
+    let (target, stop) = (c.target.clone(), c.stop.clone());
     let spec = target.spec.clone();
     let label = FunctionLabel {
         function: target.key.clone(),
@@ -451,7 +453,7 @@ async fn run_function<F: Fire>(
         let cancel = CancellationToken::new();
         let task = {
             let (shared, target, cancel) = (shared.clone(), target.clone(), cancel.clone());
-            shared.tracker.clone().spawn(async move {
+            c.tracker.spawn(async move {
                 tokio::select! {
                     () = shared.firer.fire(target, event) => {}
                     () = cancel.cancelled() => {}
@@ -468,38 +470,49 @@ async fn run_function<F: Fire>(
     }
 }
 
-struct RunningFunction {
-    spec: Arc<FunctionSpec>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+/// How long [`run_schedules`] lets running fires finish once stopped when
+/// its caller does not bound it sooner.
+const FIRES_FINISH: Duration = Duration::from_secs(24 * 3600);
+
+/// Cron as a source: a function's "consumer" is its schedule loop.
+struct CronSource<F> {
+    shared: Arc<Shared<F>>,
 }
 
-/// Functions with a schedule, parsed; bad ones are logged and counted.
-fn scheduled(catalog: &Catalog, engine: &Engine) -> Vec<(Arc<FunctionSpec>, Schedule)> {
-    let mut out = Vec::new();
-    let mut bad = catalog.errors.len();
-    for f in &catalog.functions {
-        let Some(expr) = &f.spec.schedule else {
-            continue;
-        };
-        match Schedule::parse(expr, &f.spec.timezone) {
-            Ok(s) => out.push((f.spec.clone(), s)),
-            Err(e) => {
-                bad += 1;
-                tracing::error!(function = %f.key(), error = %e, "skipping function: bad schedule");
-            }
-        }
+impl<F: Fire> Source for CronSource<F> {
+    fn name(&self) -> &'static str {
+        "cron"
     }
-    engine.metrics().config_errors.set(bad as i64);
-    engine.metrics().functions.set(out.len() as i64);
-    out
+
+    fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
+        let expr = spec.schedule.as_ref()?;
+        Some(
+            Schedule::parse(expr, &spec.timezone)
+                .map(|_| ())
+                .map_err(|e| format!("bad schedule: {e}")),
+        )
+    }
+
+    async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {
+        let expr = c.spec.schedule.clone().unwrap_or_default();
+        let schedule = Schedule::parse(&expr, &c.spec.timezone)
+            .map_err(|e| Error::Config(format!("function {}: {e}", c.key())))?;
+        let last = self.shared.ticks.last(c.key());
+        tracing::info!(function = %c.key(), schedule = %expr, timezone = %c.spec.timezone, last_fired = ?last, "scheduling");
+        let shared = self.shared.clone();
+        Ok(Box::pin(async move {
+            run_function(shared, c, schedule, last).await;
+            None
+        }))
+    }
 }
 
 /// Runs the schedules of `catalog` until `stop`: starts, restarts and stops
 /// function tasks as the catalog changes. `ticks` supplies the last fired
-/// tick of each function (for catch-up) and records new ones.
+/// tick of each function (for catch-up) and records new ones. Fires already
+/// started finish before it returns (callers bound how long they wait).
 pub async fn run_schedules<F: Fire>(
-    mut catalog: watch::Receiver<Arc<Catalog>>,
+    catalog: watch::Receiver<Arc<Catalog>>,
     engine: Arc<Engine>,
     firer: Arc<F>,
     metrics: CronMetrics,
@@ -515,73 +528,27 @@ pub async fn run_schedules<F: Fire>(
             pending: Mutex::default(),
             stop: stop.clone(),
         }),
-        ticks: ticks.clone(),
+        ticks,
         metrics,
-        tracker: TaskTracker::new(),
     });
-    let mut running: HashMap<String, RunningFunction> = HashMap::new();
-    loop {
-        let snapshot = catalog.borrow_and_update().clone();
-        let wanted = scheduled(&snapshot, &engine);
-        let keys: HashMap<String, &(Arc<FunctionSpec>, Schedule)> = wanted
-            .iter()
-            .map(|w| (format!("{}/{}", w.0.namespace, w.0.name), w))
-            .collect();
-        let gone: Vec<String> = running
-            .iter()
-            .filter(|(k, r)| keys.get(*k).is_none_or(|(s, _)| *s != r.spec))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            if let Some(r) = running.remove(&k) {
-                r.stop.cancel();
-                let _ = r.task.await;
-                tracing::info!(function = %k, "schedule stopped");
-            }
-        }
-        for (key, (spec, schedule)) in &keys {
-            if running.contains_key(key) {
-                continue;
-            }
-            let target = match engine.target(spec.clone()) {
-                Ok(t) => t,
-                Err(e) => {
-                    engine.metrics().config_errors.inc();
-                    tracing::error!(function = %key, error = %e, "skipping function");
-                    continue;
-                }
-            };
-            let fn_stop = stop.child_token();
-            let last = ticks.last(key);
-            tracing::info!(function = %key, schedule = %spec.schedule.as_deref().unwrap_or(""), timezone = %spec.timezone, last_fired = ?last, "scheduling");
-            let task = tokio::spawn(run_function(
-                shared.clone(),
-                target,
-                schedule.clone(),
-                last,
-                fn_stop.clone(),
-            ));
-            running.insert(
-                key.clone(),
-                RunningFunction {
-                    spec: spec.clone(),
-                    stop: fn_stop,
-                    task,
-                },
-            );
-        }
-        tokio::select! {
-            r = catalog.changed() => if r.is_err() { stop.cancelled().await; break; },
-            () = stop.cancelled() => break,
-        }
+    let settings = Settings {
+        max_inflight_total: usize::MAX,
+        drain_timeout: FIRES_FINISH,
+    };
+    // The connector's readiness is its caller's (followers are ready too).
+    let ready = Arc::new(Readiness::default());
+    if let Err(e) = supervisor::run(
+        CronSource { shared },
+        catalog,
+        engine,
+        ready,
+        settings,
+        stop.cancelled(),
+    )
+    .await
+    {
+        tracing::error!(error = %e, "the schedules stopped");
     }
-    for (_, r) in running.drain() {
-        r.stop.cancel();
-        let _ = r.task.await;
-    }
-    // Fires already started finish (callers bound how long they wait).
-    shared.tracker.close();
-    shared.tracker.wait().await;
 }
 
 /// Runs the cron connector with one instance (stack file): schedules until

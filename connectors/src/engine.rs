@@ -284,7 +284,23 @@ pub struct Target {
     endpoints: Option<Arc<dyn Endpoints>>,
     /// A wake-up was sent since the last delivery.
     woken: std::sync::atomic::AtomicBool,
+    /// Cancelled when this function's consumer stops (or the process does):
+    /// its held and waiting events are given back to the source.
+    release: CancellationToken,
     m: TargetMetrics,
+}
+
+impl Target {
+    /// Gives back this target's held and waiting events (calls in flight
+    /// finish). Done when its consumer stops, after it stopped taking.
+    pub fn release(&self) {
+        self.release.cancel();
+    }
+
+    /// Whether [`Target::release`] (or the process's stop) happened.
+    pub fn releasing(&self) -> bool {
+        self.release.is_cancelled()
+    }
 }
 
 struct TargetMetrics {
@@ -428,6 +444,7 @@ impl Engine {
             uri,
             endpoints,
             woken: std::sync::atomic::AtomicBool::new(false),
+            release: self.stopping.child_token(),
             m,
         }))
     }
@@ -588,7 +605,7 @@ impl Engine {
                     }
                     let since = *hold_since.get_or_insert_with(Instant::now);
                     if since.elapsed() < self.config.hold_timeout {
-                        if self.stopping.is_cancelled() {
+                        if t.release.is_cancelled() {
                             self.release(&mut d, function, event).await;
                             return;
                         }
@@ -600,11 +617,11 @@ impl Engine {
                             // pause, or this would spin until it is removed.)
                             (Some(e), Hold::NoReplica) if e.pick().is_none() => {
                                 tokio::select! {
-                                    r = self.pause_extending(&mut d, &mut extended, pause) => r,
-                                    () = e.ready() => !self.stopping.is_cancelled(),
+                                    r = self.pause_extending(t, &mut d, &mut extended, pause) => r,
+                                    () = e.ready() => !t.release.is_cancelled(),
                                 }
                             }
-                            _ => self.pause_extending(&mut d, &mut extended, pause).await,
+                            _ => self.pause_extending(t, &mut d, &mut extended, pause).await,
                         };
                         if !paused {
                             self.release(&mut d, function, event).await;
@@ -643,7 +660,7 @@ impl Engine {
                         }
                         return;
                     }
-                    if !self.pause_extending(&mut d, &mut extended, delay).await {
+                    if !self.pause_extending(t, &mut d, &mut extended, delay).await {
                         self.release(&mut d, function, event).await;
                         return;
                     }
@@ -651,7 +668,7 @@ impl Engine {
                 }
                 Next::DeadLetter(reason) => {
                     self.dead_letter(
-                        f,
+                        t,
                         function,
                         event,
                         &mut d,
@@ -688,14 +705,14 @@ impl Engine {
 
     async fn dead_letter<D: Delivery, S: DeadLetterSink>(
         &self,
-        f: &FunctionSpec,
+        t: &Target,
         function: &str,
         event: &Event,
         d: &mut D,
         sink: &S,
         info: DeadLetterInfo,
     ) {
-        let Some(destination) = &f.dead_letter else {
+        let Some(destination) = &t.spec.dead_letter else {
             tracing::warn!(
                 function = %function,
                 position = %event.position,
@@ -720,14 +737,14 @@ impl Engine {
         // have it come straight back (or, on Kafka, stall its partition).
         let mut pause = self.config.backoff.base;
         while let Err(e) = &published {
-            if d.redelivers() || !sink.can_retry() || self.stopping.is_cancelled() {
+            if d.redelivers() || !sink.can_retry() || t.release.is_cancelled() {
                 break;
             }
             self.metrics.error("dead_letter");
             tracing::error!(function = %function, position = %event.position, %destination, error = %e, retry_in = ?pause, "cannot publish the dead letter; trying again");
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
-                () = self.stopping.cancelled() => break,
+                () = t.release.cancelled() => break,
             }
             pause = (pause * 2).min(self.config.backoff.cap);
             published = sink
@@ -788,7 +805,7 @@ impl Engine {
     }
 
     /// Waits `pause`, extending the deadline whenever a progress interval has
-    /// passed since `extended`; `false` when the process stops first.
+    /// passed since `extended`; `false` when the target is released first.
     ///
     /// A hold is many short pauses (25 ms doubling to 1 s) between calls, so
     /// the interval is counted across pauses, not within each one: else no
@@ -796,6 +813,7 @@ impl Engine {
     /// would redeliver a held event after its ack wait.
     async fn pause_extending<D: Delivery>(
         &self,
+        t: &Target,
         d: &mut D,
         extended: &mut Instant,
         pause: Duration,
@@ -806,7 +824,7 @@ impl Engine {
             let wake = every.map_or(until, |every| until.min(*extended + every));
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
-                () = self.stopping.cancelled() => return false,
+                () = t.release.cancelled() => return false,
             }
             if every.is_some_and(|every| Instant::now() >= *extended + every) {
                 extend(d, extended).await;

@@ -23,21 +23,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use ebb_model::{Catalog, FunctionSpec, KafkaOrdering};
+use ebb_runtime::Retrying;
 use http::HeaderMap;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::consumers::{Running, limit_for, routable};
-use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
+use crate::engine::{DeadLetterSink, Delivery, Engine};
 use crate::event::Event;
-use crate::limit::{Limit, Permit};
+use crate::supervisor::{self, Consumer, ConsumerTask, Finish, Settings, Slots, Source};
 
 /// Where a group with no committed offset starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -347,7 +345,7 @@ fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, Error> {
 /// Runs the connector until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: KafkaConfig,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
+    catalog: watch::Receiver<Arc<Catalog>>,
     engine: Arc<Engine>,
     ready: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
@@ -360,148 +358,49 @@ pub async fn run(
     let sink = Arc::new(KafkaDeadLetters {
         producer: producer(&cfg.brokers, "ebb-connector-kafka")?,
     });
-    let global = Limit::new(cfg.max_inflight_total.max(1));
-    let mut running: HashMap<String, Running> = HashMap::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-
-    loop {
-        let snapshot = catalog.borrow_and_update().clone();
-        // Topics (and the dead-letter topic) must be Kafka topic names.
-        let functions = routable(&snapshot, engine.metrics(), |spec| {
-            (!spec.topics.is_empty()).then(|| {
-                spec.topics
-                    .iter()
-                    .chain(&spec.dead_letter)
-                    .try_for_each(|t| validate_topic(t))
-            })
-        });
-        let failed = reconcile(&cfg, &functions, &mut running, &engine, &sink, &global).await;
-        ready.set(true);
-        // A consumer that could not be created is tried again.
-        let retry = if failed {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(3600)
-        };
-        tokio::select! {
-            () = tokio::time::sleep(retry) => {}
-            r = catalog.changed() => {
-                if r.is_err() {
-                    shutdown.as_mut().await;
-                    break;
-                }
-            }
-            () = &mut shutdown => break,
-        }
-    }
-
-    tracing::info!(drain_timeout = ?cfg.drain_timeout, inflight = global.in_use(), "stopping: no more messages taken; finishing in-flight calls");
-    ready.set(false);
-    for r in running.values() {
-        r.stop.cancel();
-    }
-    // Held events are given back (left uncommitted) at once.
-    engine.stopping().cancel();
-    for (_, mut r) in running.drain() {
-        if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), &mut r.task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "a consumer did not stop in time; its unfinished messages are read again by the next consumer"
-            );
-            r.task.abort();
-        }
-    }
-    Ok(())
+    let settings = Settings {
+        max_inflight_total: cfg.max_inflight_total,
+        drain_timeout: cfg.drain_timeout,
+    };
+    supervisor::run(
+        KafkaSource { cfg, sink },
+        catalog,
+        engine,
+        ready,
+        settings,
+        shutdown,
+    )
+    .await
 }
 
-async fn reconcile(
-    cfg: &KafkaConfig,
-    functions: &[ebb_model::Function],
-    running: &mut HashMap<String, Running>,
-    engine: &Arc<Engine>,
-    sink: &Arc<KafkaDeadLetters>,
-    global: &Arc<Limit>,
-) -> bool {
-    let mut failed = false;
-    let wanted: HashMap<String, &ebb_model::Function> =
-        functions.iter().map(|f| (f.key(), f)).collect();
-    let gone: Vec<String> = running
-        .iter()
-        .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
-        .map(|(k, _)| k.clone())
-        .collect();
-    // Stopped together, not one after another; a consumer still finishing
-    // its calls after the wait goes on in the background (aborting it
-    // would drop its librdkafka consumer on an async thread).
-    let mut stopping = Vec::new();
-    for key in gone {
-        if let Some(r) = running.remove(&key) {
-            tracing::info!(function = %key, "stopping consumer");
-            r.stop.cancel();
-            stopping.push(r.task);
-        }
+/// The Kafka source: a consumer group per function, subscribed to its
+/// topics; offsets committed only past what finished.
+struct KafkaSource {
+    cfg: KafkaConfig,
+    sink: Arc<KafkaDeadLetters>,
+}
+
+impl Source for KafkaSource {
+    fn name(&self) -> &'static str {
+        "kafka"
     }
-    if !stopping.is_empty() {
-        let all = futures::future::join_all(stopping);
-        if tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(5), all)
-            .await
-            .is_err()
-        {
-            tracing::warn!("a stopped consumer is still finishing its calls");
-        }
+
+    fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
+        // Topics (and the dead-letter topic) must be Kafka topic names.
+        (!spec.topics.is_empty()).then(|| {
+            spec.topics
+                .iter()
+                .chain(&spec.dead_letter)
+                .try_for_each(|t| validate_topic(t))
+        })
     }
-    for f in functions {
-        let key = f.key();
-        let limit = limit_for(&f.spec, f.ready_replicas);
-        if let Some(r) = running.get(&key) {
-            r.limit.set_max(limit);
-            continue;
-        }
-        let target = match engine.target(f.spec.clone()) {
-            Ok(t) => t,
-            Err(e) => {
-                engine.metrics().config_errors.inc();
-                tracing::error!(function = %key, error = %e, "skipping function");
-                continue;
-            }
-        };
-        let consumer = match consumer_for(cfg, &f.spec) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                engine.metrics().error("consumer");
-                tracing::error!(function = %key, error = %e, "cannot consume for this function; trying again in 5s");
-                failed = true;
-                continue;
-            }
-        };
-        let stop = CancellationToken::new();
-        let flimit = Limit::new(limit);
-        let task = tokio::spawn(consume(
-            consumer,
-            f.spec.kafka_ordering,
-            cfg.commit_interval,
-            cfg.drain_timeout,
-            target,
-            flimit.clone(),
-            global.clone(),
-            engine.clone(),
-            sink.clone(),
-            stop.clone(),
-        ));
-        tracing::info!(function = %key, group = %f.spec.consumer_group_name(), topics = ?f.spec.topics, ordering = f.spec.kafka_ordering.as_str(), limit, "consuming");
-        running.insert(
-            key,
-            Running {
-                spec: f.spec.clone(),
-                limit: flimit,
-                stop,
-                task,
-            },
-        );
+
+    async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {
+        let consumer = Arc::new(consumer_for(&self.cfg, &c.spec)?);
+        tracing::debug!(function = %c.key(), group = %c.spec.consumer_group_name(), ordering = c.spec.kafka_ordering.as_str(), "joining the group");
+        let (sink, commit_interval) = (self.sink.clone(), self.cfg.commit_interval);
+        Ok(Box::pin(consume(consumer, commit_interval, c, sink)))
     }
-    failed
 }
 
 fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer, Error> {
@@ -540,7 +439,7 @@ fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer
 struct Job {
     event: Event,
     delivery: KafkaDelivery,
-    permits: (Permit, Permit),
+    slots: Slots,
 }
 
 /// Commits `points` (synchronously: call it off the async threads).
@@ -586,45 +485,22 @@ async fn commit(consumer: &Arc<StreamConsumer>, offsets: &Arc<Mutex<Offsets>>, k
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     consumer: Arc<StreamConsumer>,
-    ordering: KafkaOrdering,
     commit_interval: Duration,
-    drain_timeout: Duration,
-    target: Arc<Target>,
-    limit: Arc<Limit>,
-    global: Arc<Limit>,
-    engine: Arc<Engine>,
+    c: Consumer,
     sink: Arc<KafkaDeadLetters>,
-    stop: CancellationToken,
-) {
-    let key = target.key.clone();
+) -> Finish {
+    let key = c.key().to_string();
+    let ordering = c.spec.kafka_ordering;
     let offsets = Arc::new(Mutex::new(Offsets::default()));
-    let tracker = TaskTracker::new();
     let mut lanes: HashMap<(String, i32, u64), mpsc::UnboundedSender<Job>> = HashMap::new();
     let mut tick = tokio::time::interval(commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deliver = {
-        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
-        move |job: Job| {
-            let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
-            async move {
-                let Job {
-                    event,
-                    delivery,
-                    permits,
-                } = job;
-                let _permits = permits;
-                engine
-                    .deliver(&target, &event, delivery, sink.as_ref())
-                    .await;
-            }
-        }
-    };
+    let mut errors = Retrying::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
         // A slot of the function before reading, one of the process once a
         // message is there: an idle function holds no process slot.
         let own = tokio::select! {
-            p = limit.acquire() => p,
-            () = stop.cancelled() => break,
+            p = c.function_slot() => match p { Some(p) => p, None => break },
             _ = tick.tick() => {
                 commit(&consumer, &offsets, &key).await;
                 continue;
@@ -633,15 +509,19 @@ async fn consume(
         let msg = loop {
             tokio::select! {
                 biased;
-                () = stop.cancelled() => break None,
+                () = c.stop.cancelled() => break None,
                 m = consumer.recv() => match m {
-                    Ok(m) => break Some(m.detach()),
+                    Ok(m) => {
+                        errors.reset();
+                        break Some(m.detach());
+                    }
                     Err(e) => {
-                        engine.metrics().error("consume");
-                        tracing::warn!(function = %key, error = %e, "cannot read from Kafka; retrying");
+                        c.engine.metrics().error("consume");
+                        let pause = errors.next_pause();
+                        tracing::warn!(function = %key, error = %e, retry_in = ?pause, "cannot read from Kafka; retrying");
                         tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                            () = stop.cancelled() => break None,
+                            () = tokio::time::sleep(pause) => {}
+                            () = c.stop.cancelled() => break None,
                         }
                     }
                 },
@@ -649,12 +529,10 @@ async fn consume(
             }
         };
         let Some(msg) = msg else { break };
-        let any = tokio::select! {
-            p = global.acquire() => p,
-            // Not taken: read again by the next consumer.
-            () = stop.cancelled() => break,
+        // Not taken on stop: read again by the next consumer.
+        let Some(any) = c.process_slot().await else {
+            break;
         };
-        let permits = (own, any);
         let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
         let first = offsets
             .lock()
@@ -664,9 +542,9 @@ async fn consume(
             // Where this partition's reading starts, committed before its
             // first delivery: a group new to it would otherwise start past
             // a message held here if the process stopped (`latest`).
-            let c = consumer.clone();
+            let cc = consumer.clone();
             let start = vec![(topic.clone(), partition, offset)];
-            match tokio::task::spawn_blocking(move || commit_points(&c, &start)).await {
+            match tokio::task::spawn_blocking(move || commit_points(&cc, &start)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(function = %key, error = %e, "cannot commit where the partition starts")
@@ -682,17 +560,29 @@ async fn consume(
                 partition,
                 offset,
             },
-            permits,
+            slots: Slots::new(own, any),
         };
         match lane(ordering, &topic, partition, msg.key()) {
-            None => {
-                tracker.spawn(deliver(job));
-            }
+            None => c.deliver(job.slots, job.event, job.delivery, sink.clone()),
             Some(l) => {
                 let tx = lanes.entry(l).or_insert_with(|| {
                     let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-                    let (deliver, stop) = (deliver.clone(), stop.clone());
-                    tracker.spawn(async move {
+                    let stop = c.stop.clone();
+                    let deliver = {
+                        let (engine, target, sink) =
+                            (c.engine.clone(), c.target.clone(), sink.clone());
+                        move |job: Job| {
+                            let (engine, target, sink) =
+                                (engine.clone(), target.clone(), sink.clone());
+                            async move {
+                                let _slots = job.slots;
+                                engine
+                                    .deliver(&target, &job.event, job.delivery, sink.as_ref())
+                                    .await;
+                            }
+                        }
+                    };
+                    c.tracker.spawn(async move {
                         // One at a time, in order; on stop, what has not
                         // started stays unfinished (read again later).
                         while let Some(job) = rx.recv().await {
@@ -711,23 +601,19 @@ async fn consume(
             }
         }
     }
-    // Stop: no more messages; calls in flight finish; then the last commit.
+    // Stopped taking; once the calls in flight have finished, the last
+    // commit, then the group is left.
     drop(lanes);
-    tracker.close();
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(function = %key, "drain timeout passed; unfinished messages are read again by the next consumer");
-    }
-    commit(&consumer, &offsets, &key).await;
-    // Leaving the group blocks until librdkafka has closed the consumer.
-    let _ = tokio::task::spawn_blocking(move || {
-        consumer.unsubscribe();
-        drop(consumer);
-    })
-    .await;
-    tracing::debug!(function = %key, "consumer stopped");
+    Some(Box::pin(async move {
+        commit(&consumer, &offsets, &key).await;
+        // Leaving the group blocks until librdkafka has closed the consumer.
+        let _ = tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+        })
+        .await;
+        tracing::debug!(function = %key, "consumer stopped");
+    }))
 }
 
 /// Produces one message (for `ebb publish --kafka`) and waits until the

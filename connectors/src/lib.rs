@@ -15,7 +15,6 @@ pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod catalog;
-mod consumers;
 pub mod cron;
 pub mod engine;
 pub mod event;
@@ -25,6 +24,7 @@ pub mod metrics;
 pub mod nats;
 pub mod retry;
 pub mod routing;
+pub mod supervisor;
 pub use ebb_model::schedule;
 
 /// Errors of the connectors.

@@ -48,6 +48,11 @@ impl Limit {
         self.notify.notify_waiters();
     }
 
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.state.lock().map(|s| s.max).unwrap_or(0)
+    }
+
     pub fn in_use(&self) -> usize {
         self.state.lock().map(|s| s.used).unwrap_or(0)
     }

@@ -10,7 +10,6 @@
 //! progress (`+WPI`) while a call or a hold outlasts half the ack wait, and
 //! terminated only after its dead letter was stored by the `EBB_DEAD` stream.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,20 +18,19 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::Catalog;
+use ebb_model::{Catalog, Function, FunctionSpec};
+use ebb_runtime::Retrying;
 use futures::StreamExt;
 use http::HeaderMap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::consumers::{Running, limit_for, routable};
-use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply, Target};
+use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply};
 use crate::event::Event;
-use crate::limit::{Limit, Permit};
 use crate::routing::{covers, minimal_subjects, validate_subject};
+use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Source};
 
 /// JetStream (at-least-once) or core NATS (at-most-once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,18 +98,18 @@ pub async fn connect(
     name: &str,
     stop: &CancellationToken,
 ) -> Result<async_nats::Client, Error> {
-    let mut delay = Duration::from_millis(100);
+    let mut retry = Retrying::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match connect_once(cfg, name).await {
             Ok(c) => return Ok(c),
             Err(e @ Error::Config(_)) => return Err(e),
             Err(e) => {
+                let delay = retry.next_pause();
                 tracing::warn!(url = %cfg.url, error = %e, ?delay, "cannot connect to NATS; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.cancelled() => return Err(e),
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -321,320 +319,250 @@ fn time_utc(t: DateTime<Utc>) -> DateTime<Utc> {
 /// Runs the connector until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: NatsConfig,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
+    catalog: watch::Receiver<Arc<Catalog>>,
     engine: Arc<Engine>,
     ready: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let stopping = engine.stopping().clone();
-    let client = connect(&cfg, "ebb-connector-nats", &stopping).await?;
-    let js = jetstream::new(client.clone());
-    let sink = Arc::new(NatsDeadLetters { js: js.clone() });
-    let global = Limit::new(cfg.max_inflight_total.max(1));
-    let tracker = TaskTracker::new();
-    let mut running: HashMap<String, Running> = HashMap::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut retry_in: Option<Duration> = None;
-
-    loop {
-        let snapshot = catalog.borrow_and_update().clone();
-        let functions = routable(&snapshot, engine.metrics(), |spec| {
-            (!spec.topics.is_empty()).then(|| {
-                spec.topics
-                    .iter()
-                    .try_for_each(|t| validate_subject(t))
-                    .map_err(|e| format!("its topics are not valid NATS subjects: {e}"))
-            })
-        });
-        match reconcile(
-            &cfg,
-            &client,
-            &js,
-            &functions,
-            &mut running,
-            &engine,
-            &sink,
-            &global,
-            &tracker,
-        )
-        .await
-        {
-            Ok(()) => {
-                ready.set(true);
-                retry_in = None;
-            }
-            Err(e) => {
-                engine.metrics().error(e.metric_label());
-                let d = retry_in.map_or(Duration::from_millis(500), |d| {
-                    (d * 2).min(Duration::from_secs(10))
-                });
-                tracing::error!(error = %e, retry_in = ?d, "cannot set up streams and consumers");
-                retry_in = Some(d);
-            }
-        }
-        let wait = retry_in.unwrap_or(Duration::from_secs(3600));
-        tokio::select! {
-            r = catalog.changed() => {
-                if r.is_err() {
-                    // The catalog source ended (only at shutdown).
-                    shutdown.as_mut().await;
-                    break;
-                }
-            }
-            () = tokio::time::sleep(wait) => {}
-            () = &mut shutdown => break,
-        }
-    }
-
-    // Drain: stop pulling, let calls finish, give back what is held.
-    tracing::info!(drain_timeout = ?cfg.drain_timeout, inflight = global.in_use(), "stopping: no more pulls; finishing in-flight calls");
-    ready.set(false);
-    for r in running.values() {
-        r.stop.cancel();
-    }
-    // Held events are given back (NAK) only once every pull loop has ended
-    // and dropped its pull subscription: a NAK that reached the server before
-    // that unsubscribe would be handed straight to this process's still-open
-    // pull request and then lost with it, so the event would come back only
-    // after the ack wait instead of at once.
-    for r in running.values_mut() {
-        if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("a pull loop did not stop within 5s");
-        }
-    }
-    stopping.cancel();
-    tracker.close();
-    let drained = tokio::time::timeout(cfg.drain_timeout, tracker.wait())
-        .await
-        .is_ok();
-    for (_, r) in running.drain() {
-        r.task.abort();
-    }
-    if !drained {
-        tracing::warn!(
-            left = global.in_use(),
-            "drain timeout passed; unfinished events are redelivered by the broker"
-        );
-    }
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "cannot flush the last acks");
-    }
-    Ok(())
+    let settings = Settings {
+        max_inflight_total: cfg.max_inflight_total,
+        drain_timeout: cfg.drain_timeout,
+    };
+    let source = NatsSource {
+        cfg,
+        conn: None,
+        stream: None,
+    };
+    supervisor::run(source, catalog, engine, ready, settings, shutdown).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn reconcile(
-    cfg: &NatsConfig,
-    client: &async_nats::Client,
-    js: &jetstream::Context,
-    functions: &[ebb_model::Function],
-    running: &mut HashMap<String, Running>,
-    engine: &Arc<Engine>,
-    sink: &Arc<NatsDeadLetters>,
-    global: &Arc<Limit>,
-    tracker: &TaskTracker,
-) -> Result<(), Error> {
-    let subjects = minimal_subjects(
-        functions
-            .iter()
-            .flat_map(|f| f.spec.topics.iter().map(String::as_str)),
-    );
-    let dead: Vec<String> = minimal_subjects(
-        functions
-            .iter()
-            .filter_map(|f| f.spec.dead_letter.as_deref()),
-    )
-    .into_iter()
-    .filter(|d| !subjects.iter().any(|s| covers(s, d)))
-    .collect();
+/// The NATS source: one stream, a durable pull consumer per function
+/// (JetStream), or a queue subscription per topic (core NATS).
+struct NatsSource {
+    cfg: NatsConfig,
+    conn: Option<Conn>,
+    /// The stream capturing every topic, once set up (JetStream).
+    stream: Option<stream::Stream>,
+}
 
-    let js_stream = if cfg.mode == Mode::JetStream && !subjects.is_empty() {
-        let info = js
-            .create_or_update_stream(stream::Config {
-                name: cfg.stream.clone(),
-                subjects: subjects.clone(),
-                retention: stream::RetentionPolicy::Interest,
-                storage: stream::StorageType::File,
-                max_age: cfg.stream_max_age,
-                max_bytes: if cfg.stream_max_bytes > 0 {
-                    cfg.stream_max_bytes
-                } else {
-                    -1
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?;
-        tracing::debug!(stream = %info.config.name, subjects = ?info.config.subjects, "stream ready");
-        Some(
-            js.get_stream(&cfg.stream)
-                .await
-                .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?,
-        )
-    } else {
-        None
-    };
-    if !dead.is_empty() {
-        js.create_or_update_stream(stream::Config {
-            name: cfg.dead_stream.clone(),
-            subjects: dead.clone(),
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_age: cfg.dead_max_age,
+struct Conn {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    sink: Arc<NatsDeadLetters>,
+}
+
+impl NatsSource {
+    fn consumer_config(&self, spec: &FunctionSpec, limit: usize) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(spec.durable_name()),
+            description: Some(format!(
+                "ebb: delivers to function {}/{}",
+                spec.namespace, spec.name
+            )),
+            filter_subjects: spec.topics.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.cfg.ack_wait,
+            deliver_policy: consumer::DeliverPolicy::New,
+            max_deliver: -1,
+            max_ack_pending: (limit.max(64) * 4) as i64,
             ..Default::default()
+        }
+    }
+}
+
+impl Source for NatsSource {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
+        (!spec.topics.is_empty()).then(|| {
+            spec.topics
+                .iter()
+                .try_for_each(|t| validate_subject(t))
+                .map_err(|e| format!("its topics are not valid NATS subjects: {e}"))
         })
-        .await
-        .map_err(|e| Error::Broker(format!("dead-letter stream {}: {e}", cfg.dead_stream)))?;
     }
 
-    // Stop what is gone or changed.
-    let wanted: HashMap<String, &ebb_model::Function> =
-        functions.iter().map(|f| (f.key(), f)).collect();
-    let gone: Vec<String> = running
-        .iter()
-        .filter(|(k, r)| wanted.get(*k).is_none_or(|f| f.spec != r.spec))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for key in gone {
-        if let Some(r) = running.remove(&key) {
-            r.stop.cancel();
-            let removed = !wanted.contains_key(&key);
-            tracing::info!(function = %key, removed, "stopping consumer");
-            if removed && let Some(s) = &js_stream {
-                // Its undelivered messages can never be delivered now; keeping
-                // the consumer would pin them in the stream forever.
-                if let Err(e) = s.delete_consumer(&r.spec.durable_name()).await {
-                    tracing::warn!(function = %key, error = %e, "cannot delete the consumer");
-                }
-            }
-        }
+    async fn connect(&mut self) -> Result<(), Error> {
+        // The client reconnects by itself once connected.
+        let client = connect_once(&self.cfg, "ebb-connector-nats").await?;
+        let js = jetstream::new(client.clone());
+        self.conn = Some(Conn {
+            sink: Arc::new(NatsDeadLetters { js: js.clone() }),
+            client,
+            js,
+        });
+        Ok(())
     }
 
-    // Start what is new; resize the rest.
-    for f in functions {
-        let key = f.key();
-        let limit = limit_for(&f.spec, f.ready_replicas);
-        if let Some(r) = running.get(&key) {
-            r.limit.set_max(limit);
-            continue;
-        }
-        let target = match engine.target(f.spec.clone()) {
-            Ok(t) => t,
-            Err(e) => {
-                engine.metrics().config_errors.inc();
-                tracing::error!(function = %key, error = %e, "skipping function");
-                continue;
-            }
+    async fn prepare(&mut self, functions: &[Function]) -> Result<(), Error> {
+        let Some(conn) = &self.conn else {
+            return Err(Error::Broker("not connected".into()));
         };
-        let stop = CancellationToken::new();
-        let flimit = Limit::new(limit);
-        let task = match (&js_stream, cfg.mode) {
+        let cfg = &self.cfg;
+        let subjects = minimal_subjects(
+            functions
+                .iter()
+                .flat_map(|f| f.spec.topics.iter().map(String::as_str)),
+        );
+        let dead: Vec<String> = minimal_subjects(
+            functions
+                .iter()
+                .filter_map(|f| f.spec.dead_letter.as_deref()),
+        )
+        .into_iter()
+        .filter(|d| !subjects.iter().any(|s| covers(s, d)))
+        .collect();
+        if cfg.mode == Mode::JetStream && !subjects.is_empty() {
+            let info = conn
+                .js
+                .create_or_update_stream(stream::Config {
+                    name: cfg.stream.clone(),
+                    subjects: subjects.clone(),
+                    retention: stream::RetentionPolicy::Interest,
+                    storage: stream::StorageType::File,
+                    max_age: cfg.stream_max_age,
+                    max_bytes: if cfg.stream_max_bytes > 0 {
+                        cfg.stream_max_bytes
+                    } else {
+                        -1
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?;
+            tracing::debug!(stream = %info.config.name, subjects = ?info.config.subjects, "stream ready");
+            self.stream = Some(
+                conn.js
+                    .get_stream(&cfg.stream)
+                    .await
+                    .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?,
+            );
+        }
+        if !dead.is_empty() {
+            conn.js
+                .create_or_update_stream(stream::Config {
+                    name: cfg.dead_stream.clone(),
+                    subjects: dead,
+                    retention: stream::RetentionPolicy::Limits,
+                    storage: stream::StorageType::File,
+                    max_age: cfg.dead_max_age,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    Error::Broker(format!("dead-letter stream {}: {e}", cfg.dead_stream))
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {
+        let Some(conn) = &self.conn else {
+            return Err(Error::Broker("not connected".into()));
+        };
+        let sink = conn.sink.clone();
+        match (&self.stream, self.cfg.mode) {
             (Some(s), Mode::JetStream) => {
                 let consumer = s
-                    .create_consumer(consumer::pull::Config {
-                        durable_name: Some(f.spec.durable_name()),
-                        description: Some(format!("ebb: delivers to function {key}")),
-                        filter_subjects: f.spec.topics.clone(),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ack_wait: cfg.ack_wait,
-                        deliver_policy: consumer::DeliverPolicy::New,
-                        max_deliver: -1,
-                        max_ack_pending: (limit.max(64) * 4) as i64,
-                        ..Default::default()
-                    })
+                    .create_consumer(self.consumer_config(&c.spec, c.limit.max()))
                     .await
-                    .map_err(|e| Error::Broker(format!("consumer for {key}: {e}")))?;
-                tokio::spawn(consume_js(
-                    consumer,
-                    target,
-                    cfg.stream.clone(),
-                    cfg.ack_wait,
-                    flimit.clone(),
-                    global.clone(),
-                    engine.clone(),
-                    sink.clone(),
-                    tracker.clone(),
-                    stop.clone(),
-                ))
+                    .map_err(|e| Error::Broker(format!("consumer for {}: {e}", c.key())))?;
+                let (stream_name, ack_wait) = (self.cfg.stream.clone(), self.cfg.ack_wait);
+                Ok(Box::pin(async move {
+                    consume_js(consumer, c, sink, stream_name, ack_wait).await;
+                    None
+                }))
             }
             _ => {
                 let mut subs = Vec::new();
-                for t in &f.spec.topics {
+                for t in &c.spec.topics {
                     subs.push(
-                        client
-                            .queue_subscribe(t.clone(), f.spec.durable_name())
+                        conn.client
+                            .queue_subscribe(t.clone(), c.spec.durable_name())
                             .await
-                            .map_err(|e| Error::Broker(format!("subscribe {t} for {key}: {e}")))?,
+                            .map_err(|e| {
+                                Error::Broker(format!("subscribe {t} for {}: {e}", c.key()))
+                            })?,
                     );
                 }
-                tokio::spawn(consume_core(
-                    client.clone(),
-                    subs,
-                    target,
-                    flimit.clone(),
-                    global.clone(),
-                    engine.clone(),
-                    sink.clone(),
-                    tracker.clone(),
-                    stop.clone(),
-                ))
+                let client = conn.client.clone();
+                Ok(Box::pin(async move {
+                    consume_core(client, subs, c, sink).await;
+                    None
+                }))
             }
-        };
-        tracing::info!(function = %key, topics = ?f.spec.topics, limit, mode = ?cfg.mode, "consuming");
-        running.insert(
-            key,
-            Running {
-                spec: f.spec.clone(),
-                limit: flimit,
-                stop,
-                task,
-            },
-        );
+        }
     }
-    Ok(())
+
+    async fn refilter(&mut self, _old: &FunctionSpec, new: &FunctionSpec) -> Result<bool, Error> {
+        // A JetStream consumer's filter is changed where it is: what it
+        // holds and where it stands stay.
+        let (Some(s), Mode::JetStream) = (&self.stream, self.cfg.mode) else {
+            return Ok(false);
+        };
+        let name = new.durable_name();
+        let mut info = s
+            .consumer_info(&name)
+            .await
+            .map_err(|e| Error::Broker(format!("consumer {name}: {e}")))?;
+        info.config.filter_subjects = new.topics.clone();
+        info.config.filter_subject = String::new();
+        s.update_consumer(info.config)
+            .await
+            .map_err(|e| Error::Broker(format!("change the topics of consumer {name}: {e}")))?;
+        Ok(true)
+    }
+
+    async fn retire(
+        &mut self,
+        old: &FunctionSpec,
+        now: Option<&FunctionSpec>,
+    ) -> Result<(), Error> {
+        if now.is_some() {
+            return Ok(());
+        }
+        let Some(s) = &self.stream else {
+            return Ok(());
+        };
+        // Its undelivered messages can never be delivered now; keeping the
+        // consumer would pin them in the stream forever.
+        s.delete_consumer(&old.durable_name())
+            .await
+            .map_err(|e| Error::Broker(format!("delete consumer {}: {e}", old.durable_name())))?;
+        Ok(())
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn
+            && let Err(e) = conn.client.flush().await
+        {
+            tracing::warn!(error = %e, "cannot flush the last acks");
+        }
+    }
 }
 
-/// Takes one slot of the function and one of the process, or `None` on stop.
-async fn slot(
-    limit: &Arc<Limit>,
-    global: &Arc<Limit>,
-    stop: &CancellationToken,
-) -> Option<(Permit, Permit)> {
-    let a = tokio::select! { p = limit.acquire() => p, () = stop.cancelled() => return None };
-    let b = tokio::select! { p = global.acquire() => p, () = stop.cancelled() => return None };
-    Some((a, b))
-}
-
-#[allow(clippy::too_many_arguments)]
 async fn consume_js(
     consumer: consumer::Consumer<consumer::pull::Config>,
-    target: Arc<Target>,
+    c: Consumer,
+    sink: Arc<NatsDeadLetters>,
     stream_name: String,
     ack_wait: Duration,
-    limit: Arc<Limit>,
-    global: Arc<Limit>,
-    engine: Arc<Engine>,
-    sink: Arc<NatsDeadLetters>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
 ) {
-    let key = target.key.clone();
-    let mut error_delay = Duration::from_millis(100);
+    let mut errors = Retrying::new(Duration::from_millis(100), Duration::from_secs(5));
     'pull: loop {
         // Pull only as many messages as there are free slots: when the
         // function is saturated, nothing is pulled (backpressure).
-        let Some(first) = slot(&limit, &global, &stop).await else {
+        let Some(first) = c.slots().await else {
             break;
         };
         let mut slots = vec![first];
         while slots.len() < 256 {
-            let (Some(a), Some(b)) = (limit.try_acquire(), global.try_acquire()) else {
+            let Some(more) = c.try_slots() else {
                 break;
             };
-            slots.push((a, b));
+            slots.push(more);
         }
         let batch = consumer
             .batch()
@@ -650,22 +578,22 @@ async fn consume_js(
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                engine.metrics().error("pull");
-                tracing::warn!(function = %key, error = %e, "pull failed; retrying");
+                c.engine.metrics().error("pull");
+                let pause = errors.next_pause();
+                tracing::warn!(function = %c.key(), error = %e, retry_in = ?pause, "pull failed; retrying");
                 tokio::select! {
-                    () = tokio::time::sleep(error_delay) => {}
-                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                    () = c.stop.cancelled() => break,
                 }
-                error_delay = (error_delay * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        error_delay = Duration::from_millis(100);
+        errors.reset();
         loop {
             let next = tokio::select! {
                 // A message already received is taken before giving up.
                 biased;
-                () = stop.cancelled() => break 'pull,
+                () = c.stop.cancelled() => break 'pull,
                 m = batch.next() => m,
                 () = tokio::time::sleep_until(give_up) => None,
             };
@@ -673,11 +601,11 @@ async fn consume_js(
             let msg = match m {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::debug!(function = %key, error = %e, "pull ended early");
+                    tracing::debug!(function = %c.key(), error = %e, "pull ended early");
                     break;
                 }
             };
-            let Some(permits) = slots.pop() else {
+            let Some(slots) = slots.pop() else {
                 // More than asked for cannot happen; give it back rather than
                 // exceed the limit.
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
@@ -693,39 +621,26 @@ async fn consume_js(
                 attempt,
                 progress: ack_wait / 2,
             };
-            let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
-            tracker.spawn(async move {
-                let _permits = permits;
-                engine
-                    .deliver(&target, &event, delivery, sink.as_ref())
-                    .await;
-            });
+            c.deliver(slots, event, delivery, sink.clone());
         }
     }
-    tracing::debug!(function = %key, "consumer stopped");
+    tracing::debug!(function = %c.key(), "consumer stopped");
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn consume_core(
     client: async_nats::Client,
     subs: Vec<async_nats::Subscriber>,
-    target: Arc<Target>,
-    limit: Arc<Limit>,
-    global: Arc<Limit>,
-    engine: Arc<Engine>,
+    c: Consumer,
     sink: Arc<NatsDeadLetters>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
 ) {
-    let key = target.key.clone();
     let mut messages = futures::stream::select_all(subs);
     loop {
-        let Some(permits) = slot(&limit, &global, &stop).await else {
+        let Some(slots) = c.slots().await else {
             break;
         };
         let next = tokio::select! {
             m = messages.next() => m,
-            () = stop.cancelled() => break,
+            () = c.stop.cancelled() => break,
         };
         let Some(msg) = next else { break };
         let id = msg
@@ -748,15 +663,9 @@ async fn consume_core(
             client: client.clone(),
             subject,
         }));
-        let (target, engine, sink) = (target.clone(), engine.clone(), sink.clone());
-        tracker.spawn(async move {
-            let _permits = permits;
-            engine
-                .deliver(&target, &event, delivery, sink.as_ref())
-                .await;
-        });
+        c.deliver(slots, event, delivery, sink.clone());
     }
-    tracing::debug!(function = %key, "subscription stopped");
+    tracing::debug!(function = %c.key(), "subscription stopped");
 }
 
 /// Publishes one message (for `ebb publish --nats`): with JetStream, waits

@@ -35,6 +35,44 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Pauses between tries of something that keeps failing (a connection, a
+/// set-up, a read): `base`, doubling up to `cap`, back to `base` after a
+/// success. The one back-off of ebb's reconnect and retry loops; a delivery's
+/// retries have their own jittered policy.
+#[derive(Debug, Clone)]
+pub struct Retrying {
+    base: Duration,
+    cap: Duration,
+    next: Duration,
+}
+
+impl Retrying {
+    pub const fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            next: base,
+        }
+    }
+
+    /// The pause before the next try; the one after it is twice as long (up to the cap).
+    pub fn next_pause(&mut self) -> Duration {
+        let pause = self.next.min(self.cap);
+        self.next = pause.saturating_mul(2).min(self.cap);
+        pause
+    }
+
+    /// The last try worked: the next failure waits `base` again.
+    pub fn reset(&mut self) {
+        self.next = self.base;
+    }
+
+    /// Whether a failure happened since the last reset.
+    pub fn failing(&self) -> bool {
+        self.next != self.base
+    }
+}
+
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
