@@ -59,6 +59,12 @@ pub struct Metrics {
     pub wakeups: Family<FunctionLabels, Counter>,
     /// `ebb_errors_total{error}`: errors by kind.
     pub errors: Family<ErrorLabels, Counter>,
+    /// `ebb_consumer_starts_total{function}`: consumers started (a restart
+    /// after a delivery setting changed, or a reconnect, counts again).
+    pub consumer_starts: Family<FunctionLabels, Counter>,
+    /// `ebb_delivery_limit{function}`: deliveries the function may have in
+    /// flight now (`max-inflight` × ready replicas, at least one replica's).
+    pub delivery_limit: Family<FunctionLabels, Gauge>,
     /// `ebb_functions`: functions routed to.
     pub functions: Gauge,
     /// `ebb_function_config_errors`: functions skipped for bad settings.
@@ -77,6 +83,8 @@ impl Metrics {
             holds: Family::default(),
             wakeups: Family::default(),
             errors: Family::default(),
+            consumer_starts: Family::default(),
+            delivery_limit: Family::default(),
             functions: Gauge::default(),
             config_errors: Gauge::default(),
         };
@@ -121,6 +129,16 @@ impl Metrics {
             m.wakeups.clone(),
         );
         registry.register("ebb_errors", "Errors by kind", m.errors.clone());
+        registry.register(
+            "ebb_consumer_starts",
+            "Consumers started per function (restarts and reconnects count again)",
+            m.consumer_starts.clone(),
+        );
+        registry.register(
+            "ebb_delivery_limit",
+            "Deliveries a function may have in flight now",
+            m.delivery_limit.clone(),
+        );
         registry.register("ebb_functions", "Functions routed to", m.functions.clone());
         registry.register(
             "ebb_function_config_errors",

@@ -37,7 +37,7 @@ use crate::admin::Readiness;
 use crate::engine::{DeadLetterSink, Delivery, Engine, Target};
 use crate::event::Event;
 use crate::limit::{Limit, Permit};
-use crate::metrics::Metrics;
+use crate::metrics::{FunctionLabels, Metrics};
 
 /// What a consumer leaves to do once its calls have drained (Kafka's last
 /// commit and leaving the group), or `None`.
@@ -409,6 +409,8 @@ impl<S: Source> Supervisor<S> {
                 if self.source.own_limit(f).is_none() {
                     r.limit.set_max(limit_for(&f.spec, f.ready_replicas));
                 }
+                let max = r.limit.max();
+                self.limit_gauge(&key).set(max as i64);
                 continue;
             }
             if self.stopping.contains_key(&key) {
@@ -442,6 +444,14 @@ impl<S: Source> Supervisor<S> {
             match self.source.start(consumer).await {
                 Ok(task) => {
                     tracing::info!(function = %key, source = self.source.name(), topics = ?f.spec.topics, limit = limit.max(), "consuming");
+                    self.engine
+                        .metrics()
+                        .consumer_starts
+                        .get_or_create(&FunctionLabels {
+                            function: key.clone(),
+                        })
+                        .inc();
+                    self.limit_gauge(&key).set(limit.max() as i64);
                     self.running.insert(
                         key,
                         Running {
@@ -470,6 +480,16 @@ impl<S: Source> Supervisor<S> {
             }
         }
         Ok(complete)
+    }
+
+    fn limit_gauge(&self, key: &str) -> prometheus_client::metrics::gauge::Gauge {
+        self.engine
+            .metrics()
+            .delivery_limit
+            .get_or_create(&FunctionLabels {
+                function: key.to_string(),
+            })
+            .clone()
     }
 
     /// Winds down `key`'s consumer in the background; the loop hears when

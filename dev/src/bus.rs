@@ -2,22 +2,22 @@
 //! the queue of every function subscribed to the topic; one dispatcher per
 //! function hands events to the shared delivery engine (retries, holds,
 //! wake-ups, dead letters to another topic), as many at once as its ready
-//! replicas allow.
+//! replicas allow. The dispatchers are a source run by the connectors'
+//! supervisor, so the bus follows stack edits as every connector does.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
-use ebb_connectors::engine::{DeadLetterSink, Engine, InProcess, NoReply, Target};
+use ebb_connectors::engine::{DeadLetterSink, InProcess, NoReply};
 use ebb_connectors::event::Event;
 use ebb_connectors::limit::Limit;
 use ebb_connectors::routing::subject_matches;
-use ebb_model::FunctionSpec;
+use ebb_connectors::supervisor::{Consumer, ConsumerTask, Source};
+use ebb_model::{Function, FunctionSpec};
 use http::HeaderMap;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::replicas::Replicas;
 
@@ -42,12 +42,9 @@ pub struct Published {
 
 struct BusFn {
     spec: RwLock<Arc<FunctionSpec>>,
-    target: RwLock<Arc<Target>>,
     queue: Mutex<VecDeque<Event>>,
     notify: Notify,
     inflight: AtomicUsize,
-    limit: Arc<Limit>,
-    stop: CancellationToken,
 }
 
 impl BusFn {
@@ -56,90 +53,35 @@ impl BusFn {
     }
 }
 
-/// The bus.
+/// The bus: a queue per function, filled by [`Bus::publish`]; the
+/// connectors' supervisor runs its dispatchers as a source ([`BusSource`]).
 pub struct Bus {
-    engine: Arc<Engine>,
     replicas: Arc<Replicas>,
     functions: RwLock<HashMap<String, Arc<BusFn>>>,
     seq: AtomicU64,
     max_backlog: usize,
-    tracker: TaskTracker,
+    closed: AtomicBool,
     me: Weak<Bus>,
     /// Events published since start (dead letters included).
     pub published: AtomicU64,
 }
 
 impl Bus {
-    pub fn new(engine: Arc<Engine>, replicas: Arc<Replicas>, max_backlog: usize) -> Arc<Self> {
+    pub fn new(replicas: Arc<Replicas>, max_backlog: usize) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
-            engine,
             replicas,
             functions: RwLock::new(HashMap::new()),
             seq: AtomicU64::new(0),
             max_backlog: max_backlog.max(1),
-            tracker: TaskTracker::new(),
+            closed: AtomicBool::new(false),
             me: me.clone(),
             published: AtomicU64::new(0),
         })
     }
 
-    /// Takes the functions of a (re)loaded stack: starts dispatchers of new
-    /// functions, updates changed ones, stops removed ones.
-    pub fn update(&self, functions: &[Arc<FunctionSpec>]) {
-        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
-        let keep: Vec<&str> = functions
-            .iter()
-            .filter(|f| !f.topics.is_empty())
-            .map(|f| f.name.as_str())
-            .collect();
-        map.retain(|name, f| {
-            let kept = keep.contains(&name.as_str());
-            if !kept {
-                f.stop.cancel();
-                let dropped = f.queue.lock().map(|q| q.len()).unwrap_or(0);
-                if dropped > 0 {
-                    tracing::warn!(function = %name, dropped, "function removed; its waiting events are dropped");
-                }
-            }
-            kept
-        });
-        for spec in functions.iter().filter(|f| !f.topics.is_empty()) {
-            let target = match self.engine.target(spec.clone()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(function = %spec.name, error = %e, "cannot deliver to this function");
-                    continue;
-                }
-            };
-            if let Some(f) = map.get(&spec.name) {
-                *f.spec.write().unwrap_or_else(|p| p.into_inner()) = spec.clone();
-                *f.target.write().unwrap_or_else(|p| p.into_inner()) = target;
-                if spec.command.is_empty() {
-                    f.limit.set_max(spec.max_inflight.max(1) as usize);
-                }
-                continue;
-            }
-            let limit = if spec.command.is_empty() {
-                Limit::new(spec.max_inflight.max(1) as usize)
-            } else {
-                self.replicas
-                    .endpoints_of(&spec.name, spec.max_inflight)
-                    .limit()
-                    .clone()
-            };
-            let f = Arc::new(BusFn {
-                spec: RwLock::new(spec.clone()),
-                target: RwLock::new(target),
-                queue: Mutex::new(VecDeque::new()),
-                notify: Notify::new(),
-                inflight: AtomicUsize::new(0),
-                limit,
-                stop: CancellationToken::new(),
-            });
-            map.insert(spec.name.clone(), f.clone());
-            let bus = self.me.clone();
-            self.tracker.spawn(dispatch(bus, f));
-        }
+    /// The source that delivers the bus's events.
+    pub fn source(self: &Arc<Self>) -> BusSource {
+        BusSource(self.clone())
     }
 
     /// Publishes one event to every function subscribed to `topic`.
@@ -149,7 +91,7 @@ impl Bus {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Published, PublishError> {
-        if self.tracker.is_closed() {
+        if self.closed.load(Ordering::SeqCst) {
             return Err(PublishError::Stopping);
         }
         let map = self.functions.read().unwrap_or_else(|p| p.into_inner());
@@ -200,19 +142,90 @@ impl Bus {
         map.get(name).map(|f| f.backlog())
     }
 
-    /// Stops taking events and waits for running deliveries (a held event
-    /// is given up by the engine once it is told to stop).
-    pub async fn shutdown(&self) {
-        self.tracker.close();
-        for f in self
-            .functions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            f.stop.cancel();
+    /// Refuses further publishes (the process stops; the supervisor drains).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The bus as a source: a function's "consumer" hands its queue's events to
+/// the engine, as many at once as its ready replicas allow.
+pub struct BusSource(Arc<Bus>);
+
+impl Source for BusSource {
+    fn name(&self) -> &'static str {
+        "dev"
+    }
+
+    fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
+        (!spec.topics.is_empty()).then_some(Ok(()))
+    }
+
+    fn own_limit(&self, f: &Function) -> Option<Arc<Limit>> {
+        // A local function's calls are bounded by its ready replicas.
+        (!f.spec.command.is_empty()).then(|| {
+            self.0
+                .replicas
+                .endpoints_of(&f.spec.name, f.spec.max_inflight)
+                .limit()
+                .clone()
+        })
+    }
+
+    async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, ebb_connectors::Error> {
+        // A restarted function keeps the events waiting for it.
+        let f = {
+            let mut map = self.0.functions.write().unwrap_or_else(|p| p.into_inner());
+            map.entry(c.spec.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(BusFn {
+                        spec: RwLock::new(c.spec.clone()),
+                        queue: Mutex::new(VecDeque::new()),
+                        notify: Notify::new(),
+                        inflight: AtomicUsize::new(0),
+                    })
+                })
+                .clone()
+        };
+        *f.spec.write().unwrap_or_else(|p| p.into_inner()) = c.spec.clone();
+        let bus = self.0.me.clone();
+        Ok(Box::pin(async move {
+            dispatch(bus, f, c).await;
+            None
+        }))
+    }
+
+    async fn refilter(
+        &mut self,
+        _old: &FunctionSpec,
+        new: &FunctionSpec,
+    ) -> Result<bool, ebb_connectors::Error> {
+        let map = self.0.functions.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(&new.name) {
+            *f.spec.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.clone());
         }
-        self.tracker.wait().await;
+        Ok(true)
+    }
+
+    async fn retire(
+        &mut self,
+        old: &FunctionSpec,
+        now: Option<&FunctionSpec>,
+    ) -> Result<(), ebb_connectors::Error> {
+        if now.is_some() {
+            return Ok(());
+        }
+        let removed = self
+            .0
+            .functions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&old.name);
+        let dropped = removed.map_or(0, |f| f.queue.lock().map(|q| q.len()).unwrap_or(0));
+        if dropped > 0 {
+            tracing::warn!(function = %old.name, dropped, "function removed; its waiting events are dropped");
+        }
+        Ok(())
     }
 }
 
@@ -243,12 +256,11 @@ impl DeadLetterSink for BusDeadLetters {
 }
 
 /// Hands `f`'s events to the engine, as many at once as its limit allows.
-async fn dispatch(bus: Weak<Bus>, f: Arc<BusFn>) {
-    let sink = Arc::new(BusDeadLetters(bus.clone()));
+async fn dispatch(bus: Weak<Bus>, f: Arc<BusFn>, c: Consumer) {
+    let sink = Arc::new(BusDeadLetters(bus));
     loop {
-        let permit = tokio::select! {
-            p = f.limit.acquire() => p,
-            () = f.stop.cancelled() => return,
+        let Some(slots) = c.slots().await else {
+            return;
         };
         let event = loop {
             let next = f.queue.lock().ok().and_then(|mut q| q.pop_front());
@@ -257,21 +269,15 @@ async fn dispatch(bus: Weak<Bus>, f: Arc<BusFn>) {
             }
             tokio::select! {
                 () = f.notify.notified() => {}
-                () = f.stop.cancelled() => return,
+                () = c.stop.cancelled() => return,
             }
         };
-        let Some(b) = bus.upgrade() else { return };
         f.inflight.fetch_add(1, Ordering::SeqCst);
-        let target = f.target.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let engine = b.engine.clone();
-        let sink = sink.clone();
-        let f2 = f.clone();
-        b.tracker.spawn(async move {
-            engine
-                .deliver(&target, &event, InProcess::<NoReply>::new(None), &*sink)
-                .await;
-            f2.inflight.fetch_sub(1, Ordering::SeqCst);
-            drop(permit);
+        let delivery = c.delivery(slots, event, InProcess::<NoReply>::new(None), sink.clone());
+        let f = f.clone();
+        c.tracker.spawn(async move {
+            delivery.await;
+            f.inflight.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

@@ -35,6 +35,9 @@ use crate::console::Console;
 use crate::replicas::Replicas;
 use crate::stack::DevStack;
 
+/// How long deliveries of the bus may take to finish when `ebb dev` stops.
+const BUS_DRAIN: Duration = Duration::from_secs(30);
+
 /// Largest event accepted by `POST /publish`, as `ebb worker` accepts by default.
 pub const MAX_EVENT: usize = 6 << 20;
 
@@ -155,11 +158,6 @@ impl Dev {
         }
     }
 
-    /// Whether events go through the in-memory bus (no broker source).
-    pub(crate) fn uses_bus(&self) -> bool {
-        self.nats.is_none() && self.amqp.is_none() && self.kafka.is_none()
-    }
-
     fn spec(&self, name: &str) -> Option<Arc<FunctionSpec>> {
         self.stack
             .read()
@@ -231,7 +229,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         )
         .map_err(|e| Error::Run(e.to_string()))?,
     );
-    let bus = Bus::new(engine.clone(), replicas.clone(), cfg.max_backlog);
+    let bus = Bus::new(replicas.clone(), cfg.max_backlog);
     let nats = match &stack.sources.nats {
         Some(url) => Some(
             tokio::time::timeout(
@@ -252,9 +250,6 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let uses_bus = nats.is_none() && src.amqp.is_none() && src.kafka.is_none();
-    if uses_bus {
-        bus.update(&stack.functions);
-    }
     let (ctx, crx) = watch::channel(Arc::new(stack.catalog()));
     let dev = Arc::new(Dev {
         cfg: cfg.clone(),
@@ -284,8 +279,27 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::new(ebb_connectors::cron::MemoryTicks::default()),
         stop.clone(),
     )));
-    // A NATS source: the real connector, in process.
+    // No broker: the in-memory bus, run by the connectors' supervisor.
     let mut source_task = None;
+    if uses_bus {
+        let source = bus.source();
+        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
+        let settings = ebb_connectors::supervisor::Settings {
+            max_inflight_total: usize::MAX,
+            drain_timeout: BUS_DRAIN,
+        };
+        let s = stop.clone();
+        let (e, c) = (engine.clone(), crx.clone());
+        source_task = Some(tokio::spawn(async move {
+            if let Err(e) =
+                ebb_connectors::supervisor::run(source, c, e, ready, settings, s.cancelled_owned())
+                    .await
+            {
+                tracing::error!(error = %e, "the bus stopped");
+            }
+        }));
+    }
+    // A NATS source: the real connector, in process.
     if let Some(url) = &stack.sources.nats {
         let cfg = ebb_connectors::nats::NatsConfig {
             url: url.clone(),
@@ -371,9 +385,9 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
 
     shutdown.await;
     tracing::info!("stopping: finishing deliveries, then draining replicas");
+    bus.close();
     stop.cancel();
     engine.stopping().cancel();
-    bus.shutdown().await;
     if let Some(t) = source_task {
         let _ = t.await;
     }
@@ -561,9 +575,6 @@ async fn reload_loop(dev: Arc<Dev>, catalog: watch::Sender<Arc<Catalog>>, stop: 
             if old.get(&f.name).is_none() {
                 tracing::info!(function = %f.name, "function added");
             }
-        }
-        if dev.uses_bus() {
-            dev.bus.update(&new.functions);
         }
         let _ = catalog.send(Arc::new(new.catalog()));
     }
