@@ -557,7 +557,11 @@ impl Source for AmqpSource {
     async fn connect(&mut self) -> Result<(), Error> {
         if let Some(old) = self.session.take() {
             // The broker has already requeued every unacked message of it.
-            let _ = old.conn.close(200, "reconnecting".into()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                old.conn.close(200, "reconnecting".into()),
+            )
+            .await;
         }
         self.session = Some(open_session(&self.cfg, &self.exchange).await?);
         Ok(())
@@ -704,9 +708,20 @@ impl Source for AmqpSource {
 
     async fn close(self) {
         if let Some(s) = self.session {
-            // Closing requeues whatever is still unacked.
-            if let Err(e) = s.conn.close(200, "ebb connector stopping".into()).await {
-                tracing::warn!(error = %e, "cannot close the RabbitMQ connection cleanly");
+            // Closing requeues whatever is still unacked. A connection that
+            // failed on the way may never answer the close: the broker
+            // requeues when the socket goes, with the process.
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                s.conn.close(200, "ebb connector stopping".into()),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot close the RabbitMQ connection cleanly")
+                }
+                Err(_) => tracing::warn!("RabbitMQ did not answer the close within 5s"),
             }
         }
     }
