@@ -669,7 +669,8 @@ async fn run_nats(args: NatsArgs) -> ExitCode {
         max_inflight_total: args.common.max_inflight_total as usize,
         drain_timeout: args.common.drain_timeout,
     };
-    match ebb_connectors::app::run_nats(common, cfg, ebb_runtime::shutdown_signal()).await {
+    let source = ebb_connectors::nats::source(cfg);
+    match ebb_connectors::app::run_broker(common, source, ebb_runtime::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_config() => config_error("connector nats", e),
         Err(e) => {
@@ -924,7 +925,11 @@ async fn run_amqp(args: AmqpArgs) -> ExitCode {
         max_inflight_total: args.common.max_inflight_total as usize,
         drain_timeout: args.common.drain_timeout,
     };
-    match ebb_connectors::app::run_amqp(common, cfg, ebb_runtime::shutdown_signal()).await {
+    let source = match ebb_connectors::amqp::source(cfg) {
+        Ok(s) => s,
+        Err(e) => return config_error("connector amqp", e),
+    };
+    match ebb_connectors::app::run_broker(common, source, ebb_runtime::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_config() => config_error("connector amqp", e),
         Err(e) => {
@@ -953,7 +958,11 @@ async fn run_kafka(args: KafkaArgs) -> ExitCode {
         drain_timeout: args.common.drain_timeout,
         ..Default::default()
     };
-    match ebb_connectors::app::run_kafka(common, cfg, ebb_runtime::shutdown_signal()).await {
+    let source = match ebb_connectors::kafka::source(cfg) {
+        Ok(s) => s,
+        Err(e) => return config_error("connector kafka", e),
+    };
+    match ebb_connectors::app::run_broker(common, source, ebb_runtime::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_config() => config_error("connector kafka", e),
         Err(e) => {

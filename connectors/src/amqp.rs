@@ -19,13 +19,12 @@
 //! in both, `>` becomes `#` (which in AMQP also matches zero words).
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Catalog, Function, FunctionSpec};
+use ebb_model::{Function, FunctionSpec};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use http::HeaderMap;
@@ -38,16 +37,15 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use ebb_runtime::redact_url;
 
 use crate::Error;
-use crate::admin::Readiness;
-use crate::engine::{DeadLetterSink, Delivery, Engine};
+use crate::engine::{DeadLetterSink, Delivery};
 use crate::event::Event;
 use crate::routing::validate_subject;
-use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Slots, Source};
+use crate::supervisor::{Consumer, ConsumerTask, Settings, Slots, Source};
 
 /// The topic exchange topics are published to, unless configured.
 pub const DEFAULT_EXCHANGE: &str = "ebb";
@@ -280,21 +278,9 @@ impl Delivery for AmqpDelivery {
     fn attempt(&self) -> u32 {
         self.attempt
     }
-    fn redelivers(&self) -> bool {
-        false
-    }
-    fn progress_interval(&self) -> Option<Duration> {
-        None
-    }
     async fn ack(&mut self) -> Result<(), Error> {
         // A lost ack (connection drop) means a redelivery, never a loss.
         settled(self.msg.acker.ack(BasicAckOptions::default()).await)
-    }
-    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn in_progress(&mut self) -> Result<(), Error> {
-        Ok(())
     }
     async fn release(&mut self) -> Result<(), Error> {
         settled(
@@ -473,38 +459,29 @@ async fn open_session(cfg: &AmqpConfig, exchange: &ShortString) -> Result<Sessio
     })
 }
 
-/// Runs the connector until `shutdown` resolves, then drains.
-pub async fn run(
-    cfg: AmqpConfig,
-    catalog: watch::Receiver<Arc<Catalog>>,
-    engine: Arc<Engine>,
-    ready: Arc<Readiness>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
+/// The RabbitMQ source of `cfg`, with its supervisor settings; a malformed
+/// URL or exchange name is refused here.
+pub fn source(cfg: AmqpConfig) -> Result<(AmqpSource, Settings), Error> {
     let exchange = short("--exchange", &cfg.exchange)?;
-    // Malformed URLs are refused before anything else.
     let _: lapin::uri::AMQPUri = cfg.url.parse().map_err(|e| {
         Error::Config(format!(
             "--url {}: not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost",
             redact_url(&cfg.url)
         ))
     })?;
-    let settings = Settings {
-        max_inflight_total: cfg.max_inflight_total,
-        drain_timeout: cfg.drain_timeout,
-    };
+    let settings = Settings::new(cfg.max_inflight_total, cfg.drain_timeout);
     let source = AmqpSource {
         cfg,
         exchange,
         session: None,
     };
-    supervisor::run(source, catalog, engine, ready, settings, shutdown).await
+    Ok((source, settings))
 }
 
 /// The RabbitMQ source: a durable queue per function, bound to the topic
 /// exchange with its topics (or an existing queue), consumed on a channel
 /// of its own.
-struct AmqpSource {
+pub struct AmqpSource {
     cfg: AmqpConfig,
     exchange: ShortString,
     session: Option<Session>,
@@ -602,15 +579,7 @@ impl Source for AmqpSource {
             }
             let queue = short("dead-letter queue", &dead_letter_queue(dest))?;
             let key = short("dead-letter topic", dest)?;
-            s.setup
-                .queue_declare(
-                    queue.clone(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+            declare_durable(&s.setup, &queue)
                 .await
                 .map_err(|e| Error::Broker(format!("declare dead-letter queue {queue}: {e}")))?;
             s.setup
@@ -727,6 +696,18 @@ impl Source for AmqpSource {
     }
 }
 
+/// Declares a durable queue (or finds it declared so).
+async fn declare_durable(channel: &Channel, queue: &ShortString) -> Result<(), lapin::Error> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.clone(), options, FieldTable::default())
+        .await
+        .map(|_| ())
+}
+
 /// Declares (or checks) a function's queue, binds its topics and starts
 /// consuming on a channel of its own.
 async fn start_consumer(
@@ -761,15 +742,7 @@ async fn start_consumer(
                 ))
             })?;
     } else {
-        channel
-            .queue_declare(
-                queue.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        declare_durable(&channel, &queue)
             .await
             .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
         for t in &spec.topics {

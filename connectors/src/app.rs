@@ -18,6 +18,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::event::Signer;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
+use crate::supervisor::{self, Settings, Source};
 
 /// Where functions come from.
 #[derive(Debug, Clone)]
@@ -180,54 +181,26 @@ fn trim_ascii_end(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
-/// Runs a broker connector process: the shared parts, then the source
-/// (`nats::run`, `amqp::run`, `kafka::run`) on them, then the parts stop.
-async fn run_source<Fut>(
+/// Runs a broker connector process until `shutdown`: the shared parts,
+/// then the supervisor over `source` (`nats::source`, `amqp::source`,
+/// `kafka::source`), then the parts stop.
+pub async fn run_broker<S: Source>(
     common: CommonOptions,
-    source: impl FnOnce(watch::Receiver<Arc<Catalog>>, Arc<Engine>, Arc<Readiness>) -> Fut,
-) -> Result<(), Error>
-where
-    Fut: Future<Output = Result<(), Error>>,
-{
+    (source, settings): (S, Settings),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let parts = Parts::start(common).await?;
-    let r = source(
+    let r = supervisor::run(
+        source,
         parts.catalog.clone(),
         parts.engine.clone(),
         parts.ready.clone(),
+        settings,
+        shutdown,
     )
     .await;
     parts.stop().await;
     r
-}
-
-/// Runs the NATS connector process until `shutdown`.
-pub async fn run_nats(
-    common: CommonOptions,
-    nats: crate::nats::NatsConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    run_source(common, |c, e, r| crate::nats::run(nats, c, e, r, shutdown)).await
-}
-
-/// Runs the AMQP connector process until `shutdown`.
-pub async fn run_amqp(
-    common: CommonOptions,
-    amqp: crate::amqp::AmqpConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    run_source(common, |c, e, r| crate::amqp::run(amqp, c, e, r, shutdown)).await
-}
-
-/// Runs the Kafka connector process until `shutdown`.
-pub async fn run_kafka(
-    common: CommonOptions,
-    kafka: crate::kafka::KafkaConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    run_source(common, |c, e, r| {
-        crate::kafka::run(kafka, c, e, r, shutdown)
-    })
-    .await
 }
 
 /// Runs the cron connector process until `shutdown`: one instance from a
@@ -240,36 +213,28 @@ pub async fn run_cron(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let (parts, metrics) = Parts::start_with(common, crate::cron::CronMetrics::register).await?;
-    match lease {
-        None => {
-            crate::cron::run_single(
-                parts.catalog.clone(),
-                parts.engine.clone(),
-                metrics,
-                parts.ready.clone(),
-                drain_timeout,
-                shutdown,
-            )
-            .await
-        }
+    let elector = match lease {
+        None => None,
         Some(cfg) => {
             let client = ebb_kube::client()
                 .await
                 .map_err(|e| Error::Config(format!("--kubernetes: {e}")))?;
-            let elector = ebb_kube::Elector::new(client, cfg)
-                .map_err(|e| Error::Config(format!("lease: {e}")))?;
-            crate::cron::run_elected(
-                parts.catalog.clone(),
-                parts.engine.clone(),
-                metrics,
-                parts.ready.clone(),
-                elector,
-                drain_timeout,
-                shutdown,
+            Some(
+                ebb_kube::Elector::new(client, cfg)
+                    .map_err(|e| Error::Config(format!("lease: {e}")))?,
             )
-            .await
         }
-    }
+    };
+    crate::cron::run(
+        parts.catalog.clone(),
+        parts.engine.clone(),
+        metrics,
+        parts.ready.clone(),
+        elector,
+        drain_timeout,
+        shutdown,
+    )
+    .await;
     parts.stop().await;
     Ok(())
 }

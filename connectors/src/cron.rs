@@ -551,6 +551,34 @@ pub async fn run_schedules<F: Fire>(
     }
 }
 
+/// Runs the cron connector: with an `elector`, as one of several replicas
+/// ([`run_elected`]); without, as the only instance ([`run_single`]).
+pub async fn run(
+    catalog: watch::Receiver<Arc<Catalog>>,
+    engine: Arc<Engine>,
+    metrics: CronMetrics,
+    ready: Arc<Readiness>,
+    elector: Option<ebb_kube::Elector>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    match elector {
+        None => run_single(catalog, engine, metrics, ready, drain_timeout, shutdown).await,
+        Some(elector) => {
+            run_elected(
+                catalog,
+                engine,
+                metrics,
+                ready,
+                elector,
+                drain_timeout,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
 /// Runs the cron connector with one instance (stack file): schedules until
 /// `shutdown`, then lets running fires finish within `drain_timeout`.
 pub async fn run_single(
@@ -771,23 +799,19 @@ mod tests {
         }
     }
 
-    fn every_second(concurrency: &str) -> String {
-        format!(
+    /// Ten seconds of a function ticking every second from :00.5, each
+    /// fire taking `hold`.
+    async fn ten_seconds(concurrency: &str, hold: Duration) -> Run {
+        let stack = format!(
             "functions:\n  - name: tick\n    url: http://127.0.0.1:9\n    schedule: \"*/1 * * * * *\"\n    concurrency: {concurrency}\n"
-        )
+        );
+        let start = at("2026-11-25T10:00:00.500Z");
+        run(&stack, start, hold, Arc::new(MemoryTicks::default()), 10).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn fires_on_time_every_second() {
-        let start = at("2026-11-25T10:00:00.500Z");
-        let r = run(
-            &every_second("allow"),
-            start,
-            Duration::from_millis(10),
-            Arc::new(MemoryTicks::default()),
-            10,
-        )
-        .await;
+        let r = ten_seconds("allow", Duration::from_millis(10)).await;
         let fires = r.recorder.fires.lock().unwrap().clone();
         assert_eq!(fires.len(), 10, "{fires:?}");
         for (i, (scheduled, fired)) in fires.iter().enumerate() {
@@ -805,15 +829,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forbid_skips_ticks_while_the_previous_fire_runs() {
-        let start = at("2026-11-25T10:00:00.500Z");
-        let r = run(
-            &every_second("forbid"),
-            start,
-            Duration::from_millis(2500),
-            Arc::new(MemoryTicks::default()),
-            10,
-        )
-        .await;
+        let r = ten_seconds("forbid", Duration::from_millis(2500)).await;
         let fires = r.recorder.fires.lock().unwrap().clone();
         // Fires at :01, :04, :07, :10; each runs 2.5 s and blocks two ticks.
         let scheduled: Vec<_> = fires.iter().map(|f| f.0).collect();
@@ -832,15 +848,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn allow_runs_fires_side_by_side() {
-        let start = at("2026-11-25T10:00:00.500Z");
-        let r = run(
-            &every_second("allow"),
-            start,
-            Duration::from_millis(2500),
-            Arc::new(MemoryTicks::default()),
-            10,
-        )
-        .await;
+        let r = ten_seconds("allow", Duration::from_millis(2500)).await;
         assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
         assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 3);
         assert_eq!(r.count(&r.metrics.skipped), 0);
@@ -848,15 +856,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replace_cancels_the_running_fire() {
-        let start = at("2026-11-25T10:00:00.500Z");
-        let r = run(
-            &every_second("replace"),
-            start,
-            Duration::from_millis(2500),
-            Arc::new(MemoryTicks::default()),
-            10,
-        )
-        .await;
+        let r = ten_seconds("replace", Duration::from_millis(2500)).await;
         assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
         assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 1);
         // Every fire but the last was cancelled by the next tick.

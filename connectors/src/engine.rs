@@ -55,20 +55,33 @@ pub enum CallResult {
 /// How a source handles one of its messages. Every method that settles the
 /// message consumes the delivery's right to settle it once.
 pub trait Delivery: Send {
-    /// The 1-based attempt number of this delivery.
-    fn attempt(&self) -> u32;
+    /// The 1-based attempt number of this delivery (1 where the source
+    /// does not count).
+    fn attempt(&self) -> u32 {
+        1
+    }
     /// Whether the source redelivers a message given back with a delay
-    /// (JetStream NAK): then a retry is left to the broker; otherwise the
-    /// engine waits and calls again itself.
-    fn redelivers(&self) -> bool;
-    /// How often to extend the broker's deadline while a call or hold lasts.
-    fn progress_interval(&self) -> Option<Duration>;
+    /// (JetStream NAK): then a retry is left to the broker; otherwise (the
+    /// default) the engine waits and calls again itself.
+    fn redelivers(&self) -> bool {
+        false
+    }
+    /// How often to extend the broker's deadline while a call or hold
+    /// lasts; `None` (the default) for a source without a deadline.
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
     /// Delivered: remove the message from the source.
     fn ack(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
-    /// Failed, retry after `delay`.
-    fn retry_later(&mut self, delay: Duration) -> impl Future<Output = Result<(), Error>> + Send;
-    /// Still working on it: extend the deadline.
-    fn in_progress(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Failed, retry after `delay` (only called when [`Delivery::redelivers`]).
+    fn retry_later(&mut self, _delay: Duration) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Ok(()) }
+    }
+    /// Still working on it: extend the deadline (only called with a
+    /// [`Delivery::progress_interval`]).
+    fn in_progress(&mut self) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Ok(()) }
+    }
     /// Shutting down: give it back for redelivery now.
     fn release(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
     /// Dead-lettered (or given up): never redeliver.
@@ -107,22 +120,7 @@ impl<R: Reply> InProcess<R> {
 }
 
 impl<R: Reply> Delivery for InProcess<R> {
-    fn attempt(&self) -> u32 {
-        1
-    }
-    fn redelivers(&self) -> bool {
-        false
-    }
-    fn progress_interval(&self) -> Option<Duration> {
-        None
-    }
     async fn ack(&mut self) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn in_progress(&mut self) -> Result<(), Error> {
         Ok(())
     }
     async fn release(&mut self) -> Result<(), Error> {

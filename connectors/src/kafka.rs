@@ -15,27 +15,25 @@
 //! connector.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Catalog, FunctionSpec, KafkaOrdering};
+use ebb_model::{FunctionSpec, KafkaOrdering};
 use ebb_runtime::Retrying;
 use http::HeaderMap;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::Error;
-use crate::admin::Readiness;
-use crate::engine::{DeadLetterSink, Delivery, Engine};
+use crate::engine::{DeadLetterSink, Delivery};
 use crate::event::Event;
-use crate::supervisor::{self, Consumer, ConsumerTask, Finish, Settings, Slots, Source};
+use crate::supervisor::{Consumer, ConsumerTask, Finish, Settings, Slots, Source, accepts_names};
 
 /// Where a group with no committed offset starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -278,23 +276,8 @@ impl KafkaDelivery {
 }
 
 impl Delivery for KafkaDelivery {
-    fn attempt(&self) -> u32 {
-        1
-    }
-    fn redelivers(&self) -> bool {
-        false
-    }
-    fn progress_interval(&self) -> Option<Duration> {
-        None
-    }
     async fn ack(&mut self) -> Result<(), Error> {
         self.finish();
-        Ok(())
-    }
-    async fn retry_later(&mut self, _: Duration) -> Result<(), Error> {
-        Ok(())
-    }
-    async fn in_progress(&mut self) -> Result<(), Error> {
         Ok(())
     }
     async fn release(&mut self) -> Result<(), Error> {
@@ -342,14 +325,8 @@ fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, Error> {
         .map_err(|e| Error::Config(format!("--url {brokers}: {e}")))
 }
 
-/// Runs the connector until `shutdown` resolves, then drains.
-pub async fn run(
-    cfg: KafkaConfig,
-    catalog: watch::Receiver<Arc<Catalog>>,
-    engine: Arc<Engine>,
-    ready: Arc<Readiness>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
+/// The Kafka source of `cfg`, with its supervisor settings.
+pub fn source(cfg: KafkaConfig) -> Result<(KafkaSource, Settings), Error> {
     if cfg.brokers.trim().is_empty() {
         return Err(Error::Config(
             "--url: give the Kafka bootstrap servers, host:port[,host:port]".into(),
@@ -358,24 +335,13 @@ pub async fn run(
     let sink = Arc::new(KafkaDeadLetters {
         producer: producer(&cfg.brokers, "ebb-connector-kafka")?,
     });
-    let settings = Settings {
-        max_inflight_total: cfg.max_inflight_total,
-        drain_timeout: cfg.drain_timeout,
-    };
-    supervisor::run(
-        KafkaSource { cfg, sink },
-        catalog,
-        engine,
-        ready,
-        settings,
-        shutdown,
-    )
-    .await
+    let settings = Settings::new(cfg.max_inflight_total, cfg.drain_timeout);
+    Ok((KafkaSource { cfg, sink }, settings))
 }
 
 /// The Kafka source: a consumer group per function, subscribed to its
 /// topics; offsets committed only past what finished.
-struct KafkaSource {
+pub struct KafkaSource {
     cfg: KafkaConfig,
     sink: Arc<KafkaDeadLetters>,
 }
@@ -387,12 +353,11 @@ impl Source for KafkaSource {
 
     fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
         // Topics (and the dead-letter topic) must be Kafka topic names.
-        (!spec.topics.is_empty()).then(|| {
-            spec.topics
-                .iter()
-                .chain(&spec.dead_letter)
-                .try_for_each(|t| validate_topic(t))
-        })
+        accepts_names(
+            spec,
+            spec.topics.iter().chain(&spec.dead_letter),
+            validate_topic,
+        )
     }
 
     async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {

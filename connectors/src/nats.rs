@@ -10,7 +10,6 @@
 //! progress (`+WPI`) while a call or a hold outlasts half the ack wait, and
 //! terminated only after its dead letter was stored by the `EBB_DEAD` stream.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,19 +17,17 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Catalog, Function, FunctionSpec};
+use ebb_model::{Function, FunctionSpec};
 use ebb_runtime::Retrying;
 use futures::StreamExt;
 use http::HeaderMap;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::admin::Readiness;
-use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply};
+use crate::engine::{DeadLetterSink, Delivery, InProcess, Reply};
 use crate::event::Event;
 use crate::routing::{covers, minimal_subjects, validate_subject};
-use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Source};
+use crate::supervisor::{Consumer, ConsumerTask, Settings, Source, accepts_names};
 
 /// JetStream (at-least-once) or core NATS (at-most-once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,29 +313,20 @@ fn time_utc(t: DateTime<Utc>) -> DateTime<Utc> {
     t
 }
 
-/// Runs the connector until `shutdown` resolves, then drains.
-pub async fn run(
-    cfg: NatsConfig,
-    catalog: watch::Receiver<Arc<Catalog>>,
-    engine: Arc<Engine>,
-    ready: Arc<Readiness>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    let settings = Settings {
-        max_inflight_total: cfg.max_inflight_total,
-        drain_timeout: cfg.drain_timeout,
-    };
+/// The NATS source of `cfg`, with its supervisor settings.
+pub fn source(cfg: NatsConfig) -> (NatsSource, Settings) {
+    let settings = Settings::new(cfg.max_inflight_total, cfg.drain_timeout);
     let source = NatsSource {
         cfg,
         conn: None,
         stream: None,
     };
-    supervisor::run(source, catalog, engine, ready, settings, shutdown).await
+    (source, settings)
 }
 
 /// The NATS source: one stream, a durable pull consumer per function
 /// (JetStream), or a queue subscription per topic (core NATS).
-struct NatsSource {
+pub struct NatsSource {
     cfg: NatsConfig,
     conn: Option<Conn>,
     /// The stream capturing every topic, once set up (JetStream).
@@ -376,11 +364,8 @@ impl Source for NatsSource {
     }
 
     fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
-        (!spec.topics.is_empty()).then(|| {
-            spec.topics
-                .iter()
-                .try_for_each(|t| validate_subject(t))
-                .map_err(|e| format!("its topics are not valid NATS subjects: {e}"))
+        accepts_names(spec, &spec.topics, |t| {
+            validate_subject(t).map_err(|e| format!("its topics are not valid NATS subjects: {e}"))
         })
     }
 

@@ -216,6 +216,17 @@ impl Consumer {
     }
 }
 
+/// What most brokers' [`Source::accepts`] says: a function with topics is
+/// served when each name in `names` (its topics, and whatever else the
+/// broker must accept) passes `valid`.
+pub fn accepts_names<'a>(
+    spec: &FunctionSpec,
+    names: impl IntoIterator<Item = &'a String>,
+    valid: impl Fn(&str) -> Result<(), String>,
+) -> Option<Result<(), String>> {
+    (!spec.topics.is_empty()).then(|| names.into_iter().try_for_each(|t| valid(t)))
+}
+
 /// Deliveries a function may have in flight: `max-inflight` per ready
 /// replica, at least one replica's worth (a function at zero is woken by
 /// its first held event).
@@ -273,6 +284,15 @@ pub struct Settings {
     pub max_inflight_total: usize,
     /// How long a stopping consumer's calls may take to finish.
     pub drain_timeout: Duration,
+}
+
+impl Settings {
+    pub fn new(max_inflight_total: usize, drain_timeout: Duration) -> Self {
+        Self {
+            max_inflight_total,
+            drain_timeout,
+        }
+    }
 }
 
 /// How long a consumer's loop may take to stop taking.
@@ -512,6 +532,25 @@ impl<S: Source> Supervisor<S> {
         self.stopping.insert(key.to_string(), task);
     }
 
+    /// After a failed connect or set-up: a configuration mistake stops
+    /// everything (returned); anything else is reported and tried again
+    /// after the returned pause.
+    async fn failed(
+        &mut self,
+        e: Error,
+        what: &str,
+        retry: &mut Retrying,
+    ) -> Result<Duration, Error> {
+        if e.is_config() {
+            self.stop_all().await;
+            return Err(e);
+        }
+        self.engine.metrics().error(e.metric_label());
+        let pause = retry.next_pause();
+        tracing::error!(source = self.source.name(), error = %e, retry_in = ?pause, "{what}");
+        Ok(pause)
+    }
+
     /// Every running consumer winds down together; also waits for those
     /// already winding down.
     async fn stop_all(&mut self) {
@@ -571,16 +610,7 @@ pub async fn run<S: Source>(
             };
             match attempt {
                 Ok(()) => connected = true,
-                Err(e @ Error::Config(_)) => {
-                    sv.stop_all().await;
-                    return Err(e);
-                }
-                Err(e) => {
-                    sv.engine.metrics().error(e.metric_label());
-                    let pause = retry.next_pause();
-                    tracing::error!(source = name, error = %e, retry_in = ?pause, "cannot connect");
-                    again = Some(pause);
-                }
+                Err(e) => again = Some(sv.failed(e, "cannot connect", &mut retry).await?),
             }
         }
         if connected {
@@ -598,15 +628,9 @@ pub async fn run<S: Source>(
                         again = Some(retry.next_pause());
                     }
                 }
-                Err(e @ Error::Config(_)) => {
-                    sv.stop_all().await;
-                    return Err(e);
-                }
                 Err(e) => {
-                    sv.engine.metrics().error(e.metric_label());
-                    let pause = retry.next_pause();
-                    tracing::error!(source = name, error = %e, retry_in = ?pause, "cannot set up what the consumers share");
-                    again = Some(pause);
+                    let what = "cannot set up what the consumers share";
+                    again = Some(sv.failed(e, what, &mut retry).await?);
                 }
             }
         }

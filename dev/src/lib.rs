@@ -142,13 +142,7 @@ impl Dev {
     /// Sets the replica gauges to the scale at this moment (the backlog
     /// gauge is what the policy last saw, set by its loop).
     pub(crate) async fn refresh_gauges(&self) {
-        let functions = self
-            .stack
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .functions
-            .clone();
-        for f in functions.iter().filter(|f| !f.command.is_empty()) {
+        for f in self.functions().iter().filter(|f| !f.command.is_empty()) {
             let n = self.replicas.count(&f.name).await;
             self.replicas_gauge
                 .get_or_create(&FnLabel {
@@ -156,6 +150,15 @@ impl Dev {
                 })
                 .set(i64::from(n));
         }
+    }
+
+    /// The functions of the running stack.
+    pub(crate) fn functions(&self) -> Vec<Arc<FunctionSpec>> {
+        self.stack
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .functions
+            .clone()
     }
 
     fn spec(&self, name: &str) -> Option<Arc<FunctionSpec>> {
@@ -249,7 +252,6 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
-    let uses_bus = nats.is_none() && src.amqp.is_none() && src.kafka.is_none();
     let (ctx, crx) = watch::channel(Arc::new(stack.catalog()));
     let dev = Arc::new(Dev {
         cfg: cfg.clone(),
@@ -279,71 +281,34 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::new(ebb_connectors::cron::MemoryTicks::default()),
         stop.clone(),
     )));
-    // No broker: the in-memory bus, run by the connectors' supervisor.
-    let mut source_task = None;
-    if uses_bus {
-        let source = bus.source();
-        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
-        let settings = ebb_connectors::supervisor::Settings {
-            max_inflight_total: usize::MAX,
-            drain_timeout: BUS_DRAIN,
-        };
-        let s = stop.clone();
-        let (e, c) = (engine.clone(), crx.clone());
-        source_task = Some(tokio::spawn(async move {
-            if let Err(e) =
-                ebb_connectors::supervisor::run(source, c, e, ready, settings, s.cancelled_owned())
-                    .await
-            {
-                tracing::error!(error = %e, "the bus stopped");
-            }
-        }));
-    }
-    // A NATS source: the real connector, in process.
-    if let Some(url) = &stack.sources.nats {
-        let cfg = ebb_connectors::nats::NatsConfig {
+    // The events' source, run by the connectors' supervisor in process:
+    // the stack's broker with the real connector, else the in-memory bus.
+    let source_ctx = (crx.clone(), engine.clone(), stop.clone());
+    let source_task = if let Some(url) = &stack.sources.nats {
+        let (source, settings) = ebb_connectors::nats::source(ebb_connectors::nats::NatsConfig {
             url: url.clone(),
             ..Default::default()
-        };
-        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
-        let s = stop.clone();
-        let (e, c) = (engine.clone(), crx.clone());
-        source_task = Some(tokio::spawn(async move {
-            if let Err(e) = ebb_connectors::nats::run(cfg, c, e, ready, s.cancelled_owned()).await {
-                tracing::error!(error = %e, "the NATS source stopped");
-            }
-        }));
-    }
-    // A RabbitMQ or Kafka source: the real connector, in process.
-    if let Some(url) = &stack.sources.amqp {
-        let cfg = ebb_connectors::amqp::AmqpConfig {
+        });
+        tokio::spawn(run_source(source, settings, source_ctx.clone()))
+    } else if let Some(url) = &stack.sources.amqp {
+        let (source, settings) = ebb_connectors::amqp::source(ebb_connectors::amqp::AmqpConfig {
             url: url.clone(),
             ..Default::default()
-        };
-        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
-        let s = stop.clone();
-        let (e, c) = (engine.clone(), crx.clone());
-        source_task = Some(tokio::spawn(async move {
-            if let Err(e) = ebb_connectors::amqp::run(cfg, c, e, ready, s.cancelled_owned()).await {
-                tracing::error!(error = %e, "the RabbitMQ source stopped");
-            }
-        }));
-    }
-    if let Some(brokers) = &stack.sources.kafka {
-        let cfg = ebb_connectors::kafka::KafkaConfig {
-            brokers: brokers.clone(),
-            ..Default::default()
-        };
-        let ready = Arc::new(ebb_connectors::admin::Readiness::default());
-        let s = stop.clone();
-        let (e, c) = (engine.clone(), crx.clone());
-        source_task = Some(tokio::spawn(async move {
-            if let Err(e) = ebb_connectors::kafka::run(cfg, c, e, ready, s.cancelled_owned()).await
-            {
-                tracing::error!(error = %e, "the Kafka source stopped");
-            }
-        }));
-    }
+        })
+        .map_err(|e| Error::Config(format!("sources.amqp: {e}")))?;
+        tokio::spawn(run_source(source, settings, source_ctx.clone()))
+    } else if let Some(brokers) = &stack.sources.kafka {
+        let (source, settings) =
+            ebb_connectors::kafka::source(ebb_connectors::kafka::KafkaConfig {
+                brokers: brokers.clone(),
+                ..Default::default()
+            })
+            .map_err(|e| Error::Config(format!("sources.kafka: {e}")))?;
+        tokio::spawn(run_source(source, settings, source_ctx.clone()))
+    } else {
+        let settings = ebb_connectors::supervisor::Settings::new(usize::MAX, BUS_DRAIN);
+        tokio::spawn(run_source(bus.source(), settings, source_ctx.clone()))
+    };
     let timeout = Duration::from_secs(2);
     let scaler = if let Some(url) = &stack.sources.nats {
         Some(SourceScaler::Nats(
@@ -388,9 +353,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     bus.close();
     stop.cancel();
     engine.stopping().cancel();
-    if let Some(t) = source_task {
-        let _ = t.await;
-    }
+    let _ = source_task.await;
     for t in tasks {
         let _ = t.await;
     }
@@ -400,6 +363,32 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     console.draw("");
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs `source` under the connectors' supervisor until `stop`.
+async fn run_source<S: ebb_connectors::supervisor::Source>(
+    source: S,
+    settings: ebb_connectors::supervisor::Settings,
+    (catalog, engine, stop): (
+        watch::Receiver<Arc<Catalog>>,
+        Arc<Engine>,
+        CancellationToken,
+    ),
+) {
+    let name = source.name();
+    let ready = Arc::new(ebb_connectors::admin::Readiness::default());
+    let r = ebb_connectors::supervisor::run(
+        source,
+        catalog,
+        engine,
+        ready,
+        settings,
+        stop.cancelled_owned(),
+    )
+    .await;
+    if let Err(e) = r {
+        tracing::error!(source = name, error = %e, "the source stopped");
+    }
 }
 
 /// The backlog of a broker source, read as the autoscaler reads it.

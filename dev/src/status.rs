@@ -49,12 +49,7 @@ pub struct Status {
 }
 
 pub(crate) async fn snapshot(dev: &Dev) -> Status {
-    let functions = dev
-        .stack
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .functions
-        .clone();
+    let functions = dev.functions();
     let mut out = Vec::with_capacity(functions.len());
     for f in functions {
         let local = !f.command.is_empty();
