@@ -1039,3 +1039,7 @@ mod tests {
         second.await.unwrap();
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod branch_tests;
