@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ebb_model::FunctionSpec;
+use ebb_model::{FunctionSpec, refusal};
 use http::HeaderMap;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -473,11 +473,8 @@ impl Engine {
             let (parts, body) = resp.into_parts();
             let status = parts.status.as_u16();
             let worker_refusal = matches!(
-                (
-                    status,
-                    parts.headers.get("ebb-worker").map(|v| v.as_bytes())
-                ),
-                (429, Some(b"busy")) | (503, Some(b"draining"))
+                (status, refusal_tag(&parts.headers)),
+                (429, Some(refusal::BUSY)) | (503, Some(refusal::DRAINING))
             );
             // A worker's own refusal has nothing worth reading.
             let body = if worker_refusal {
@@ -499,7 +496,7 @@ impl Engine {
             },
             Ok(Ok((parts, body))) => {
                 let status = parts.status.as_u16();
-                let worker = parts.headers.get("ebb-worker").map(|v| v.as_bytes());
+                let worker = refusal_tag(&parts.headers);
                 let retry_after = parts
                     .headers
                     .get(http::header::RETRY_AFTER)
@@ -507,8 +504,8 @@ impl Engine {
                     .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
                 let ok = (200..300).contains(&status);
                 match (status, worker, body) {
-                    (429, Some(b"busy"), _) => CallResult::Hold(Hold::Busy),
-                    (503, Some(b"draining"), _) => CallResult::Hold(Hold::Draining),
+                    (429, Some(refusal::BUSY), _) => CallResult::Hold(Hold::Busy),
+                    (503, Some(refusal::DRAINING), _) => CallResult::Hold(Hold::Draining),
                     (_, _, Ok(body)) if ok => CallResult::Delivered { status, body },
                     // The function did the work but its answer broke off:
                     // delivered (at-least-once allows a repeat).
@@ -842,6 +839,11 @@ async fn extend<D: Delivery>(d: &mut D, extended: &mut Instant) {
     *extended = Instant::now();
 }
 
+/// The worker's own refusal tag (`ebb-worker: busy|draining`), if any.
+fn refusal_tag(headers: &HeaderMap) -> Option<&str> {
+    headers.get(refusal::HEADER).and_then(|v| v.to_str().ok())
+}
+
 enum CallError {
     Send(hyper_util::client::legacy::Error),
 }
@@ -1053,3 +1055,7 @@ mod tests {
         second.await.unwrap();
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod branch_tests;

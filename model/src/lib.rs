@@ -28,6 +28,7 @@
 mod catalog;
 mod error;
 mod keys;
+pub mod refusal;
 pub mod schedule;
 mod spec;
 mod stack;

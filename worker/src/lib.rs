@@ -24,11 +24,6 @@ pub use env::watchdog_env;
 pub use metrics::Metrics;
 pub use server::{State, router};
 
-/// Header on the worker's own refusals, so that a connector can tell them
-/// from the handler's answers: `busy` (429) and `draining` (503) are
-/// backpressure, not failed deliveries.
-pub const WORKER_HEADER: &str = "ebb-worker";
-
 /// How the handler is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

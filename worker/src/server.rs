@@ -11,6 +11,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use ebb_model::refusal;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prometheus_client::registry::Registry;
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, RefusalLabels, RefusalReason, StatusLabels};
-use crate::{Config, WORKER_HEADER, fork, proxy};
+use crate::{Config, fork, proxy};
 
 /// How calls reach the handler.
 pub enum Runner {
@@ -161,7 +162,7 @@ fn refusal(state: &State, reason: RefusalReason) -> Response {
     let (status, tag, msg) = match reason {
         RefusalReason::Busy => (
             StatusCode::TOO_MANY_REQUESTS,
-            "busy",
+            refusal::BUSY,
             format!(
                 "worker is at --max-inflight {}; retry later\n",
                 state.max_inflight
@@ -169,12 +170,12 @@ fn refusal(state: &State, reason: RefusalReason) -> Response {
         ),
         RefusalReason::Draining => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
+            refusal::DRAINING,
             "worker is shutting down; send to another replica\n".to_string(),
         ),
         RefusalReason::TooLarge => (
             StatusCode::PAYLOAD_TOO_LARGE,
-            "too-large",
+            refusal::TOO_LARGE,
             format!(
                 "request body is larger than --max-body {} bytes\n",
                 state.max_body
@@ -190,7 +191,7 @@ fn refusal(state: &State, reason: RefusalReason) -> Response {
         .inc();
     let mut resp = text(status, msg);
     let h = resp.headers_mut();
-    h.insert(WORKER_HEADER, HeaderValue::from_static(tag));
+    h.insert(refusal::HEADER, HeaderValue::from_static(tag));
     if status != StatusCode::PAYLOAD_TOO_LARGE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -267,7 +268,7 @@ async fn admit_and_call(state: &State, req: Request) -> Response {
         resp = state.runner.call(Call { parts, body }, state.timeout) => resp,
         () = state.cut_off.cancelled() => {
             let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "cut off: the worker's drain timeout passed\n");
-            resp.headers_mut().insert(WORKER_HEADER, HeaderValue::from_static("draining"));
+            resp.headers_mut().insert(refusal::HEADER, HeaderValue::from_static(refusal::DRAINING));
             resp
         }
     }
