@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ebb_model::{FunctionSpec, refusal};
+use ebb_runtime::Retrying;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -22,6 +23,10 @@ use crate::Error;
 use crate::event::{Event, Signer, delivery_headers, printable_prefix};
 use crate::metrics::{FunctionLabels, Metrics, OutcomeLabels, ReasonLabels};
 use crate::retry::{self, Backoff, Failure, Next};
+
+/// A held event is tried again after 25 ms, doubling to 1 s between tries.
+const HOLD_PAUSE_FIRST: Duration = Duration::from_millis(25);
+const HOLD_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Why a call was not taken by a replica. Not a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,7 +562,7 @@ impl Engine {
         // since, however short each of them is.
         let mut extended = Instant::now();
         let mut hold_since: Option<Instant> = None;
-        let mut hold_delay = Duration::from_millis(25);
+        let mut hold_pauses = Retrying::new(HOLD_PAUSE_FIRST, HOLD_PAUSE_MAX);
         loop {
             let result = self
                 .call_extending(&mut d, &mut extended, t, event, attempt)
@@ -604,8 +609,7 @@ impl Engine {
                             self.release(&mut d, function, event).await;
                             return;
                         }
-                        let pause = hold_delay;
-                        hold_delay = (hold_delay * 2).min(Duration::from_secs(1));
+                        let pause = hold_pauses.next_pause();
                         let paused = match (&t.endpoints, hold) {
                             // None ready: go as soon as one is. (A listed
                             // replica that refused the connection waits the
@@ -635,7 +639,7 @@ impl Engine {
                 }
             };
             hold_since = None;
-            hold_delay = Duration::from_millis(25);
+            hold_pauses.reset();
 
             let next = retry::next(
                 attempt,
@@ -730,18 +734,18 @@ impl Engine {
         // dead letter again (doubling pauses up to the backoff cap) until
         // it is stored or the process stops. Giving the event back would
         // have it come straight back (or, on Kafka, stall its partition).
-        let mut pause = self.config.backoff.base;
+        let mut retry = Retrying::new(self.config.backoff.base, self.config.backoff.cap);
         while let Err(e) = &published {
             if d.redelivers() || !sink.can_retry() || t.release.is_cancelled() {
                 break;
             }
+            let pause = retry.next_pause();
             self.metrics.error("dead_letter");
             tracing::error!(function = %function, position = %event.position, %destination, error = %e, retry_in = ?pause, "cannot publish the dead letter; trying again");
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = t.release.cancelled() => break,
             }
-            pause = (pause * 2).min(self.config.backoff.cap);
             published = sink
                 .publish(destination, headers.clone(), event.body.clone())
                 .await;

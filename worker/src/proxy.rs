@@ -225,8 +225,10 @@ pub async fn wait_until_up(
     let port = authority.port_u16().unwrap_or(80);
     let addr = format!("{}:{port}", authority.host().trim_matches(['[', ']']));
     let deadline = Instant::now() + config.startup_timeout;
-    let mut delay = Duration::from_millis(5);
+    let mut pauses =
+        ebb_runtime::Retrying::new(Duration::from_millis(5), Duration::from_millis(100));
     loop {
+        let delay = pauses.next_pause();
         if tokio::net::TcpStream::connect(&addr).await.is_ok() {
             return Ok(());
         }
@@ -245,7 +247,6 @@ pub async fn wait_until_up(
             }
             None => tokio::time::sleep(delay).await,
         }
-        delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
 
