@@ -402,6 +402,7 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let (ctx, crx) = watch::channel(Arc::new(Catalog::default()));
     let (wtx, wrx) = watch::channel(Arc::new(Workloads::default()));
     let mut first = crx.clone();
+    let mut first_workloads = wrx.clone();
     let stop = CancellationToken::new();
     let discovery = Discovery::new(client.clone())
         .namespace(cfg.namespace.clone())
@@ -494,7 +495,12 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
             .with_graceful_shutdown(async move { admin_stop.cancelled().await })
             .await;
     });
-    if ebb_kube::first_catalog(&mut first).await.is_none() {
+    // Discovery publishes the catalog, then its workloads: wait for both, so
+    // neither the first poll nor a first wake-up finds functions without
+    // their workloads.
+    if ebb_kube::first_catalog(&mut first).await.is_none()
+        || first_workloads.changed().await.is_err()
+    {
         return Err(Error::Config(
             "function discovery ended before its first list".into(),
         ));
