@@ -1,7 +1,7 @@
 //! The autoscaler process: discovery, the poll loop (leader only), the
 //! wake-up endpoint (every replica) and the admin server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,11 +13,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use ebb_kube::{Discovery, Workloads};
-use ebb_model::{Catalog, Function};
+use ebb_model::{Catalog, FunctionSpec};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -25,10 +24,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::policy::{self, Input, Observed, PolicyState, ScaleSpec, Serving};
+use crate::poll::{self, Poller};
+use crate::scalers::Scaler;
 use crate::scalers::nats::NatsScaler;
-use crate::scalers::prometheus::HttpAuth;
-use crate::target::{KubeTarget, WorkloadKind, WorkloadRef};
+use crate::scalers::prometheus::{HttpAuth, PrometheusScaler};
+use crate::target::{
+    Applied, Change, KubeTarget, ReplicaCounts, ScaleTarget, WorkloadKind, WorkloadRef,
+};
 
 /// Settings of `ebb autoscaler`.
 #[derive(Debug, Clone)]
@@ -73,34 +75,9 @@ pub enum RabbitSource {
     Management(crate::scalers::rabbitmq::Management),
 }
 
-/// The scalers configured for this process.
-struct Scalers {
-    nats: Option<NatsScaler>,
-    rabbitmq: Option<crate::scalers::rabbitmq::RabbitMqScaler>,
-    kafka: Option<crate::scalers::kafka::KafkaScaler>,
-    inflight: Option<crate::scalers::inflight::InflightScaler>,
-    /// For Prometheus scrapes and queries.
-    http: reqwest::Client,
-    prometheus_auth: HttpAuth,
-    timeout: Duration,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FnLabel {
     function: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    function: String,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ScalerLabel {
-    function: String,
-    scaler: &'static str,
-    error: &'static str,
 }
 
 /// What started a cold start: `wakeup` (`POST /wake/…`) or `poll` (the
@@ -117,26 +94,12 @@ fn cold_start_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.05, 2.0, 14))
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct InputLabel {
-    function: String,
-    input: &'static str,
-}
-
+/// The wake-up and cold-start metrics; the poll's are [`poll::Metrics`].
 #[derive(Clone)]
 struct Metrics {
-    desired: Family<FnLabel, Gauge>,
-    current: Family<FnLabel, Gauge>,
-    value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    decisions: Family<ReasonLabel, Counter>,
-    scaler_errors: Family<ScalerLabel, Counter>,
-    patches: Family<FnLabel, Counter>,
-    patch_errors: Family<FnLabel, Counter>,
     wakeups: Family<FnLabel, Counter>,
     /// Wake-up received → scale patched.
     wake_to_patch: Histogram,
-    /// One poll over every function.
-    poll_duration: Histogram,
     /// Cold starts: work seen (a wake-up received, or a poll) → first
     /// replica ready.
     wake_to_ready: ColdStartHistograms,
@@ -149,55 +112,12 @@ struct Metrics {
 impl Metrics {
     fn register(r: &mut Registry) -> Self {
         let m = Self {
-            desired: Family::default(),
-            current: Family::default(),
-            value: Family::default(),
-            decisions: Family::default(),
-            scaler_errors: Family::default(),
-            patches: Family::default(),
-            patch_errors: Family::default(),
             wakeups: Family::default(),
             wake_to_patch: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
-            poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             wake_to_ready: Family::new_with_constructor(cold_start_histogram),
             patch_to_ready: Family::new_with_constructor(cold_start_histogram),
             cold_start_timeouts: Family::default(),
         };
-        r.register(
-            "ebb_autoscaler_desired_replicas",
-            "Replicas the policy asks for",
-            m.desired.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_current_replicas",
-            "Replicas the workload has",
-            m.current.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_metric_value",
-            "Last value read per input",
-            m.value.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_decisions",
-            "Policy decisions by reason",
-            m.decisions.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scaler_errors",
-            "Inputs that could not be read",
-            m.scaler_errors.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patches",
-            "Scale subresource patches",
-            m.patches.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patch_errors",
-            "Scale patches that failed",
-            m.patch_errors.clone(),
-        );
         r.register(
             "ebb_autoscaler_wakeups",
             "Wake-ups received",
@@ -207,11 +127,6 @@ impl Metrics {
             "ebb_autoscaler_wake_to_patch_seconds",
             "From a wake-up received to the scale patched",
             m.wake_to_patch.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_poll_duration_seconds",
-            "One poll: every function's inputs read, its count decided and applied",
-            m.poll_duration.clone(),
         );
         r.register(
             "ebb_autoscaler_wake_to_ready_seconds",
@@ -239,8 +154,6 @@ struct Shared {
     metrics: Metrics,
     registry: Registry,
     ready: std::sync::atomic::AtomicBool,
-    /// Last delivered stream sequence per function.
-    delivered: Mutex<HashMap<String, u64>>,
     cold_start_timeout: Duration,
 }
 
@@ -366,341 +279,73 @@ async fn wake(
     }
 }
 
-/// Reads every input of one function.
-/// Also returns the JetStream consumer's delivered position, whose movement
-/// between polls means work was done even when nothing is pending now, and
-/// a count of finished messages for the policy's rate estimate: that of the
-/// broker input (RabbitMQ over the management API, Kafka, JetStream) with
-/// the largest backlog, see [`finished_of`].
-async fn observe(
-    f: &Function,
-    w: &ebb_kube::Workload,
-    scalers: &Scalers,
-    metrics: &Metrics,
-) -> (Vec<Input>, Option<u64>, Option<u64>, Option<u32>) {
-    let (http, auth, timeout) = (&scalers.http, &scalers.prometheus_auth, scalers.timeout);
-    let key = f.key();
-    let mut inputs = Vec::new();
-    let mut delivered = None;
-    // (backlog, finished count) of each broker input.
-    let mut counts = Vec::new();
-    let mut cap = None;
-    let error = |scaler: &'static str, label: &'static str, e: &dyn std::fmt::Display| {
-        metrics
-            .scaler_errors
-            .get_or_create(&ScalerLabel {
-                function: key.clone(),
-                scaler,
-                error: label,
-            })
-            .inc();
-        tracing::debug!(function = %key, scaler, error = %e, "input unknown");
-    };
-    if let Some(r) = &scalers.rabbitmq
-        && !f.spec.topics.is_empty()
-    {
-        let value = match r.read(&f.spec).await {
-            Ok(r) => {
-                counts.push((r.backlog, r.finished));
-                Some(r.backlog)
-            }
-            Err(e) => {
-                error("rabbitmq", e.metric_label(), &e);
-                None
-            }
-        };
-        inputs.push(Input {
-            name: "rabbitmq",
-            value,
-        });
-    }
-    if let Some(k) = &scalers.kafka
-        && !f.spec.topics.is_empty()
-    {
-        let value = match k.read(&f.spec).await {
-            Ok(r) => {
-                cap = Some(r.partitions);
-                counts.push((r.lag, r.finished));
-                Some(r.lag)
-            }
-            Err(e) => {
-                error("kafka", e.metric_label(), &e);
-                None
-            }
-        };
-        inputs.push(Input {
-            name: "kafka",
-            value,
-        });
-    }
-    if let Some(n) = &scalers.nats
-        && !f.spec.topics.is_empty()
-    {
-        let value = match n.read(&f.spec).await {
-            Ok(r) => {
-                delivered = Some(r.delivered);
-                counts.push((r.backlog, Some(r.finished)));
-                Some(r.backlog)
-            }
-            Err(e) => {
-                error("nats", e.metric_label(), &e);
-                None
-            }
-        };
-        inputs.push(Input {
-            name: "nats",
-            value,
-        });
-    }
-    if let Some(p) = &f.spec.prometheus {
-        let r = match p {
-            ebb_model::Prometheus::Scrape { url, metric } => {
-                crate::scalers::prometheus::scrape(http, auth, url, metric, timeout).await
-            }
-            ebb_model::Prometheus::Query { server, query } => {
-                crate::scalers::prometheus::query(http, auth, server, query, timeout).await
-            }
-        };
-        let value = match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                error("prometheus", e.metric_label(), &e);
-                None
-            }
-        };
-        inputs.push(Input {
-            name: "prometheus",
-            value,
-        });
-    }
-    // In-flight calls count for functions scaled by some other input (a
-    // function with none, e.g. cron only, is not autoscaled).
-    if let Some(scaler) = &scalers.inflight
-        && !inputs.is_empty()
-    {
-        let value = match scaler.read(w).await {
-            Ok(v) => Some(v),
-            Err(e) => {
-                error("inflight", e.metric_label(), &e);
-                None
-            }
-        };
-        inputs.push(Input {
-            name: "inflight",
-            value,
-        });
-    }
-    for i in &inputs {
-        if let Some(v) = i.value {
-            metrics
-                .value
-                .get_or_create(&InputLabel {
-                    function: key.clone(),
-                    input: i.name,
-                })
-                .set(v);
-        }
-    }
-    (inputs, delivered, finished_of(&counts), cap)
-}
-
-/// The finished count for the policy, from `(backlog, finished)` of each
-/// broker input read (in the order RabbitMQ, Kafka, JetStream): that of the
-/// input with the largest backlog, the one the policy sizes by, since the
-/// count must be what drains that backlog; on a tie the later input's
-/// (JetStream before Kafka before RabbitMQ). `None` when that input cannot
-/// tell (a passive declare, statistics not reported, a Kafka partition's
-/// commit gained or moved back), even if a smaller input could: a count of
-/// another queue would not match the backlog measured.
-fn finished_of(counts: &[(f64, Option<u64>)]) -> Option<u64> {
-    counts
-        .iter()
-        .copied()
-        .reduce(|best, next| if next.0 >= best.0 { next } else { best })
-        .and_then(|(_, finished)| finished)
-}
-
-/// Whether `position` moved since the last poll that read one; unknown
-/// (`None`) is no evidence of work and keeps the last position.
-fn moved(last: &mut HashMap<String, u64>, key: &str, position: Option<u64>) -> bool {
-    match position {
-        Some(p) => last
-            .insert(key.to_string(), p)
-            .is_some_and(|before| before != p),
-        None => false,
-    }
-}
-
 /// HPA targets per namespace, listed at most once per poll (and only when a
 /// function of that namespace is about to be scaled).
-type HpaCache = Mutex<
-    HashMap<String, Arc<tokio::sync::OnceCell<std::collections::HashSet<(WorkloadKind, String)>>>>,
->;
+type HpaCache = Mutex<HashMap<String, Arc<tokio::sync::OnceCell<HashSet<(WorkloadKind, String)>>>>>;
 
-/// One poll over every function (leader only): up to `concurrency`
-/// functions are read, decided and applied at the same time, so one slow
-/// input (bounded by the scaler timeout) delays only its own function.
-async fn poll(
-    s: &Shared,
-    scalers: &Scalers,
-    states: &Mutex<HashMap<String, PolicyState>>,
-    concurrency: usize,
-) {
-    use futures::StreamExt as _;
-
-    let started = Instant::now();
-    let catalog = s.catalog.borrow().clone();
-    let workloads = s.workloads.borrow().clone();
-    let workloads = &*workloads;
-    let hpas = HpaCache::default();
-    let hpas = &hpas;
-    let functions = &catalog.functions[..];
-    let one = |i: usize| async move {
-        let f = &functions[i];
-        let key = f.key();
-        let Some(w) = workloads.get(&key) else {
-            return;
-        };
-        let seen = Instant::now();
-        let (inputs, delivered, finished, cap) = observe(f, w, scalers, &s.metrics).await;
-        // Work done since the last poll: JetStream's delivered position, or
-        // else the finished count of a RabbitMQ or Kafka input, moved.
-        let activity = {
-            let mut last = s.delivered.lock().unwrap_or_else(|p| p.into_inner());
-            moved(&mut last, &key, delivered.or(finished))
-        };
-        if inputs.is_empty() {
-            return; // nothing to scale by (e.g. a cron-only function)
-        }
-        let current = w.replicas.unwrap_or(1);
-        let spec = ScaleSpec::from_function(&f.spec);
-        let now = Instant::now();
-        let decision = {
-            let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
-            let st = states.entry(key.clone()).or_default();
-            policy::decide_with(
-                &Observed {
-                    inputs,
-                    current,
-                    cap,
-                    activity,
-                },
-                // Ready pods and finished deliveries let the policy size by
-                // measured rates instead of chasing a backlog that grows
-                // while replicas start.
-                Serving {
-                    ready: Some(w.ready_replicas),
-                    delivered: finished,
-                },
-                &spec,
-                st,
-                now,
-            )
-        };
-        apply(s, hpas, &key, w, current, decision, seen).await;
-    };
-    futures::stream::iter(0..functions.len())
-        .map(one)
-        .buffer_unordered(concurrency.max(1))
-        .collect::<()>()
-        .await;
-    // Forget functions that are gone.
-    let live: std::collections::HashSet<String> =
-        catalog.functions.iter().map(Function::key).collect();
-    states
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|k, _| live.contains(k));
-    s.delivered
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|k, _| live.contains(k));
-    if let Some(kafka) = &scalers.kafka {
-        let groups: std::collections::HashSet<String> = catalog
-            .functions
-            .iter()
-            .map(|f| f.spec.consumer_group_name())
-            .collect();
-        kafka.retain(|group| groups.contains(group));
-    }
-    if let Some(inflight) = &scalers.inflight {
-        inflight.retain(|kind, namespace, name| {
-            workloads
-                .get(&format!("{namespace}/{name}"))
-                .is_some_and(|w| w.kind == kind)
-        });
-    }
-    s.metrics
-        .poll_duration
-        .observe(started.elapsed().as_secs_f64());
+/// The Kubernetes side of one poll: the workloads discovery last saw,
+/// scaled through their scale subresource.
+struct Kube<'a> {
+    shared: &'a Shared,
+    workloads: Arc<Workloads>,
+    hpas: HpaCache,
 }
 
-/// Records one function's decision and applies it.
-async fn apply(
-    s: &Shared,
-    hpas: &HpaCache,
-    key: &str,
-    w: &ebb_kube::Workload,
-    current: u32,
-    decision: policy::Decision,
-    seen: Instant,
-) {
-    let label = FnLabel {
-        function: key.to_owned(),
-    };
-    s.metrics.current.get_or_create(&label).set(current as i64);
-    s.metrics
-        .desired
-        .get_or_create(&label)
-        .set(decision.replicas.unwrap_or(current) as i64);
-    s.metrics
-        .decisions
-        .get_or_create(&ReasonLabel {
-            function: key.to_owned(),
-            reason: decision.reason.label(),
-        })
-        .inc();
-    let Some(to) = decision.replicas else {
-        return;
-    };
-    // Two controllers must never fight over one workload.
-    let cell = hpas
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(w.namespace.clone())
-        .or_default()
-        .clone();
-    let targets = cell
-        .get_or_init(|| async {
-            // If HPAs cannot be listed (e.g. RBAC), scale anyway but say so:
-            // holding every function on a missing permission would be worse.
-            match s.target.hpa_targets(&w.namespace).await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(namespace = %w.namespace, error = %e, "cannot list HorizontalPodAutoscalers; not checking for conflicts");
-                    Default::default()
-                }
-            }
-        })
-        .await;
-    let wr = WorkloadRef::from(w);
-    if targets.contains(&(wr.kind, wr.name.clone())) {
-        s.target.warn_hpa(&wr).await;
-        return;
+impl ScaleTarget for Kube<'_> {
+    type Workload = ebb_kube::Workload;
+    type Error = crate::target::TargetError;
+
+    async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<(ebb_kube::Workload, ReplicaCounts)> {
+        let w = self.workloads.get(&format!("{}/{}", f.namespace, f.name))?;
+        let counts = ReplicaCounts {
+            current: w.replicas.unwrap_or(1),
+            ready: Some(w.ready_replicas),
+        };
+        Some((w.clone(), counts))
     }
-    let reason = decision.reason.to_string();
-    tracing::info!(function = %key, from = current, to, %reason, "scaling");
-    match s.target.set(&wr, current, to, &reason).await {
-        Ok(outcome) => {
-            s.metrics.patches.get_or_create(&label).inc();
-            if let crate::target::SetOutcome::Scaled { from: 0, .. } = outcome {
-                time_cold_start(s, key.to_owned(), "poll", seen, Instant::now());
-            }
+
+    async fn apply(
+        &self,
+        _: &Arc<FunctionSpec>,
+        w: &ebb_kube::Workload,
+        change: Change<'_>,
+    ) -> Result<Applied, Self::Error> {
+        let s = self.shared;
+        let key = w.key();
+        // Two controllers must never fight over one workload.
+        let cell = self
+            .hpas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(w.namespace.clone())
+            .or_default()
+            .clone();
+        let targets = cell
+            .get_or_init(|| async {
+                // If HPAs cannot be listed (e.g. RBAC), scale anyway but say so:
+                // holding every function on a missing permission would be worse.
+                match s.target.hpa_targets(&w.namespace).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(namespace = %w.namespace, error = %e, "cannot list HorizontalPodAutoscalers; not checking for conflicts");
+                        Default::default()
+                    }
+                }
+            })
+            .await;
+        let wr = WorkloadRef::from(w);
+        if targets.contains(&(wr.kind, wr.name.clone())) {
+            s.target.warn_hpa(&wr).await;
+            return Ok(Applied::LeftAlone);
         }
-        Err(e) => {
-            s.metrics.patch_errors.get_or_create(&label).inc();
-            tracing::warn!(function = %key, error = %e, "cannot scale");
+        let (from, to) = (change.from, change.to);
+        let reason = change.reason.to_string();
+        tracing::info!(function = %key, from, to, %reason, "scaling");
+        let outcome = s.target.set(&wr, from, to, &reason).await?;
+        if let crate::target::SetOutcome::Scaled { from: 0, .. } = outcome {
+            time_cold_start(s, key, "poll", change.seen, Instant::now());
         }
+        Ok(Applied::Done)
     }
 }
 
@@ -757,6 +402,7 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let (ctx, crx) = watch::channel(Arc::new(Catalog::default()));
     let (wtx, wrx) = watch::channel(Arc::new(Workloads::default()));
     let mut first = crx.clone();
+    let mut first_workloads = wrx.clone();
     let stop = CancellationToken::new();
     let discovery = Discovery::new(client.clone())
         .namespace(cfg.namespace.clone())
@@ -802,17 +448,32 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         ),
         None => None,
     };
-    let scalers = Scalers {
-        nats,
-        rabbitmq,
-        kafka,
-        inflight,
+    // Read in this order: it names the first unknown input and breaks ties.
+    let mut scalers: Vec<Box<dyn Scaler<ebb_kube::Workload>>> = Vec::new();
+    if let Some(s) = rabbitmq {
+        scalers.push(Box::new(s));
+    }
+    if let Some(s) = kafka {
+        scalers.push(Box::new(s));
+    }
+    if let Some(s) = nats {
+        scalers.push(Box::new(s));
+    }
+    scalers.push(Box::new(PrometheusScaler::new(
         http,
-        prometheus_auth: cfg.prometheus_auth.clone(),
-        timeout: cfg.scaler_timeout,
-    };
+        cfg.prometheus_auth.clone(),
+        cfg.scaler_timeout,
+    )));
+    if let Some(s) = inflight {
+        scalers.push(Box::new(s));
+    }
 
     let mut registry = Registry::default();
+    let poller = Poller::new(
+        scalers,
+        poll::Metrics::register(&mut registry),
+        cfg.max_concurrent_reads,
+    );
     let metrics = Metrics::register(&mut registry);
     let shared = Arc::new(Shared {
         catalog: crx,
@@ -821,7 +482,6 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         metrics,
         registry,
         ready: std::sync::atomic::AtomicBool::new(false),
-        delivered: Mutex::new(HashMap::new()),
         cold_start_timeout: cfg.cold_start_timeout,
     });
     let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
@@ -835,7 +495,12 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
             .with_graceful_shutdown(async move { admin_stop.cancelled().await })
             .await;
     });
-    if ebb_kube::first_catalog(&mut first).await.is_none() {
+    // Discovery publishes the catalog, then its workloads: wait for both, so
+    // neither the first poll nor a first wake-up finds functions without
+    // their workloads.
+    if ebb_kube::first_catalog(&mut first).await.is_none()
+        || first_workloads.changed().await.is_err()
+    {
         return Err(Error::Config(
             "function discovery ended before its first list".into(),
         ));
@@ -859,7 +524,6 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         }
         None => (None, None, None),
     };
-    let states = Mutex::new(HashMap::new());
     let mut shutdown = std::pin::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -871,7 +535,19 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         if leader.as_ref().is_some_and(|l| !*l.borrow()) {
             continue;
         }
-        poll(&shared, &scalers, &states, cfg.max_concurrent_reads).await;
+        let functions: Vec<Arc<FunctionSpec>> = shared
+            .catalog
+            .borrow()
+            .functions
+            .iter()
+            .map(|f| f.spec.clone())
+            .collect();
+        let kube = Kube {
+            shared: &shared,
+            workloads: shared.workloads.borrow().clone(),
+            hpas: HpaCache::default(),
+        };
+        poller.poll(&kube, &functions).await;
     }
     shared
         .ready
@@ -886,40 +562,4 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
     let _ = disc.await;
     let _ = admin.await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{finished_of, moved};
-    use std::collections::HashMap;
-
-    #[test]
-    fn activity_is_a_position_that_moved_and_unknown_is_no_evidence() {
-        let mut last = HashMap::new();
-        // The first reading only sets the position.
-        assert!(!moved(&mut last, "a", Some(5)));
-        assert!(!moved(&mut last, "a", Some(5)));
-        assert!(moved(&mut last, "a", Some(8)));
-        // Unknown keeps the last position: the next reading compares with 8.
-        assert!(!moved(&mut last, "a", None));
-        assert!(moved(&mut last, "a", Some(9)));
-        assert!(!moved(&mut last, "b", None));
-        assert!(!last.contains_key("b"));
-    }
-
-    #[test]
-    fn the_finished_count_is_the_largest_inputs() {
-        assert_eq!(finished_of(&[]), None);
-        assert_eq!(finished_of(&[(5.0, Some(7))]), Some(7));
-        // RabbitMQ 50, Kafka 20: RabbitMQ's count.
-        assert_eq!(finished_of(&[(50.0, Some(3)), (20.0, Some(9))]), Some(3));
-        assert_eq!(finished_of(&[(5.0, Some(3)), (20.0, Some(9))]), Some(9));
-        // The largest cannot tell: unknown, not a smaller input's count.
-        assert_eq!(finished_of(&[(50.0, None), (20.0, Some(9))]), None);
-        // A tie: the later input (JetStream over Kafka over RabbitMQ).
-        assert_eq!(
-            finished_of(&[(0.0, Some(1)), (0.0, Some(2)), (0.0, Some(3))]),
-            Some(3)
-        );
-    }
 }

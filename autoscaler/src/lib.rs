@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod policy;
+pub mod poll;
 pub mod scalers;
 pub mod simulate;
 pub mod target;

@@ -109,6 +109,33 @@ pub struct Serving {
     pub delivered: Option<u64>,
 }
 
+/// The finished count for [`Serving::delivered`], from `(backlog, finished)`
+/// of each queue input read, in the order read: that of the input with the
+/// largest backlog, the one the policy sizes by, since the count must be
+/// what drains that backlog; on a tie the later input's. `None` when that
+/// input cannot tell (a passive declare, statistics not reported, a Kafka
+/// partition's commit gained or moved back), even if a smaller input could:
+/// a count of another queue would not match the backlog measured.
+pub fn finished_of(queues: &[(f64, Option<u64>)]) -> Option<u64> {
+    queues
+        .iter()
+        .copied()
+        .reduce(|best, next| if next.0 >= best.0 { next } else { best })
+        .and_then(|(_, finished)| finished)
+}
+
+/// The activity rule ([`Observed::activity`]): work was done since the last
+/// poll when `position` (a queue's delivered position, or else the finished
+/// count of [`finished_of`]) moved since the last poll that read one, kept
+/// in `last`. Unknown (`None`) is no evidence of work and keeps the last
+/// position; the first reading only sets it.
+pub fn moved(last: &mut Option<u64>, position: Option<u64>) -> bool {
+    match position {
+        Some(p) => last.replace(p).is_some_and(|before| before != p),
+        None => false,
+    }
+}
+
 /// What the policy remembers of a function between polls.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyState {
@@ -780,6 +807,37 @@ fn decide_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_is_a_position_that_moved_and_unknown_is_no_evidence() {
+        let mut last = None;
+        // The first reading only sets the position.
+        assert!(!moved(&mut last, Some(5)));
+        assert!(!moved(&mut last, Some(5)));
+        assert!(moved(&mut last, Some(8)));
+        // Unknown keeps the last position: the next reading compares with 8.
+        assert!(!moved(&mut last, None));
+        assert!(moved(&mut last, Some(9)));
+        let mut other = None;
+        assert!(!moved(&mut other, None));
+        assert_eq!(other, None);
+    }
+
+    #[test]
+    fn the_finished_count_is_the_largest_inputs() {
+        assert_eq!(finished_of(&[]), None);
+        assert_eq!(finished_of(&[(5.0, Some(7))]), Some(7));
+        // RabbitMQ 50, Kafka 20: RabbitMQ's count.
+        assert_eq!(finished_of(&[(50.0, Some(3)), (20.0, Some(9))]), Some(3));
+        assert_eq!(finished_of(&[(5.0, Some(3)), (20.0, Some(9))]), Some(9));
+        // The largest cannot tell: unknown, not a smaller input's count.
+        assert_eq!(finished_of(&[(50.0, None), (20.0, Some(9))]), None);
+        // A tie: the later input (JetStream over Kafka over RabbitMQ).
+        assert_eq!(
+            finished_of(&[(0.0, Some(1)), (0.0, Some(2)), (0.0, Some(3))]),
+            Some(3)
+        );
+    }
 
     fn spec() -> ScaleSpec {
         ScaleSpec {

@@ -15,10 +15,20 @@
 //! RBAC: `get` and `patch` on `deployments/scale` and `statefulsets/scale`
 //! (group `apps`), `list` on `horizontalpodautoscalers` (group
 //! `autoscaling`), and, for Events, `create`/`patch` on `events`.
+//!
+//! [`ScaleTarget`] is what the poll step ([`crate::poll`]) scales through:
+//! `ebb autoscaler` implements it over [`KubeTarget`], `ebb dev` over its
+//! local replicas.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use ebb_model::FunctionSpec;
+use tokio::time::Instant;
+
+use crate::policy::Reason;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::Scale as ApiScale;
@@ -40,6 +50,60 @@ const DEFAULT_ATTEMPTS: u32 = 5;
 /// The first retry waits this long, doubling up to [`MAX_BACKOFF`].
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A function's replica counts, as its scale target sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    /// Replicas asked for (Kubernetes: the scale's `spec.replicas`).
+    pub current: u32,
+    /// Of those, ready to serve; `None` counts every current replica as
+    /// ready.
+    pub ready: Option<u32>,
+}
+
+/// A new count decided for a function.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The count decided from.
+    pub from: u32,
+    pub to: u32,
+    pub reason: &'a Reason,
+    /// When the poll began to read the function's inputs.
+    pub seen: Instant,
+}
+
+/// What [`ScaleTarget::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The count is set.
+    Done,
+    /// The target declined, without error (another controller, such as an
+    /// HPA, scales the workload).
+    LeftAlone,
+}
+
+/// Where functions' replicas are counted and changed.
+pub trait ScaleTarget: Sync {
+    /// What scalers may read of a function's workload (see
+    /// [`crate::scalers::Scaler`]).
+    type Workload: Send + Sync;
+    type Error: std::fmt::Display + Send;
+
+    /// The workload of `f` and its counts now, or `None` when `f` has none
+    /// here (it is not scaled).
+    fn workload(
+        &self,
+        f: &Arc<FunctionSpec>,
+    ) -> impl Future<Output = Option<(Self::Workload, ReplicaCounts)>> + Send;
+
+    /// Sets the count of `f` to `change.to`.
+    fn apply(
+        &self,
+        f: &Arc<FunctionSpec>,
+        w: &Self::Workload,
+        change: Change<'_>,
+    ) -> impl Future<Output = Result<Applied, Self::Error>> + Send;
+}
 
 /// The workload a function runs as.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod console;
 pub mod replicas;
+mod scaling;
 mod server;
 pub mod stack;
 pub mod status;
@@ -20,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ebb_autoscaler::policy::{self, Input, Observed, PolicyState, ScaleSpec, Serving};
+use ebb_autoscaler::poll::Poller;
+use ebb_autoscaler::scalers::Scaler;
 use ebb_connectors::engine::{Engine, EngineConfig, Resolver};
 use ebb_connectors::metrics::{FunctionLabels, Metrics, OutcomeLabels};
 use ebb_model::{Catalog, FunctionSpec};
@@ -220,6 +222,7 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         "Backlog the scaling policy last saw, per function",
         backlog_gauge.clone(),
     );
+    let poll_metrics = ebb_autoscaler::poll::Metrics::register(&mut registry);
     let engine = Arc::new(
         Engine::new(
             EngineConfig {
@@ -310,27 +313,28 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::spawn(run_source(bus.source(), settings, source_ctx.clone()))
     };
     let timeout = Duration::from_secs(2);
-    let scaler = if let Some(url) = &stack.sources.nats {
-        Some(SourceScaler::Nats(
+    let source: Option<Box<dyn Scaler<()>>> = if let Some(url) = &stack.sources.nats {
+        Some(Box::new(
             ebb_autoscaler::scalers::nats::NatsScaler::connect(url, "EBB", timeout)
                 .await
                 .map_err(|e| Error::Run(format!("sources.nats: {e}")))?,
         ))
     } else if let Some(url) = &stack.sources.amqp {
-        Some(SourceScaler::Amqp(
+        Some(Box::new(
             ebb_autoscaler::scalers::rabbitmq::RabbitMqScaler::amqp(url, timeout)
                 .map_err(|e| Error::Config(format!("sources.amqp: {e}")))?,
         ))
     } else {
         stack.sources.kafka.as_ref().map(|b| {
-            SourceScaler::Kafka(ebb_autoscaler::scalers::kafka::KafkaScaler::new(
+            Box::new(ebb_autoscaler::scalers::kafka::KafkaScaler::new(
                 b,
                 ebb_autoscaler::scalers::kafka::OffsetReset::Latest,
                 timeout,
-            ))
+            )) as Box<dyn Scaler<()>>
         })
     };
-    tasks.push(tokio::spawn(scale_loop(dev.clone(), scaler, stop.clone())));
+    let poller = scaling::poller(source, bus.clone(), engine.clone(), timeout, poll_metrics);
+    tasks.push(tokio::spawn(scale_loop(dev.clone(), poller, stop.clone())));
     tasks.push(tokio::spawn(reload_loop(dev.clone(), ctx, stop.clone())));
     tasks.push(tokio::spawn(view_loop(
         dev.clone(),
@@ -391,40 +395,9 @@ async fn run_source<S: ebb_connectors::supervisor::Source>(
     }
 }
 
-/// The backlog of a broker source, read as the autoscaler reads it.
-enum SourceScaler {
-    Nats(ebb_autoscaler::scalers::nats::NatsScaler),
-    Amqp(ebb_autoscaler::scalers::rabbitmq::RabbitMqScaler),
-    Kafka(ebb_autoscaler::scalers::kafka::KafkaScaler),
-}
-
-impl SourceScaler {
-    /// Messages waiting for `f`, those in its calls included.
-    async fn backlog(&self, f: &FunctionSpec, inflight: f64) -> Result<f64, String> {
-        match self {
-            // Pending (NATS), ready (a passive declare): calls in flight
-            // are added.
-            Self::Nats(s) => s
-                .read(f)
-                .await
-                .map(|r| r.backlog + inflight)
-                .map_err(|e| e.to_string()),
-            Self::Amqp(s) => s
-                .read(f)
-                .await
-                .map(|r| r.backlog + inflight)
-                .map_err(|e| e.to_string()),
-            // The lag already counts what is taken and not committed.
-            Self::Kafka(s) => s.read(f).await.map(|r| r.lag).map_err(|e| e.to_string()),
-        }
-    }
-}
-
-/// Every interval: the autoscaler's policy over each local function's
-/// backlog, applied to its replicas.
-async fn scale_loop(dev: Arc<Dev>, scaler: Option<SourceScaler>, stop: CancellationToken) {
-    let mut states: HashMap<String, PolicyState> = HashMap::new();
-    let mut delivered: HashMap<String, u64> = HashMap::new();
+/// Every interval: the autoscaler's poll over the local functions, applied
+/// to their replicas.
+async fn scale_loop(dev: Arc<Dev>, poller: Poller<()>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(dev.cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -438,70 +411,22 @@ async fn scale_loop(dev: Arc<Dev>, scaler: Option<SourceScaler>, stop: Cancellat
             .unwrap_or_else(|p| p.into_inner())
             .functions
             .clone();
-        states.retain(|name, _| functions.iter().any(|f| &f.name == name));
         dev.replicas.reconcile_all().await;
-        for f in functions.iter().filter(|f| !f.command.is_empty()) {
-            let mut backlog = Some(
-                dev.bus
-                    .backlog(&f.name)
-                    .map_or_else(|| dev.inflight(&f.name).max(0) as f64, |b| b as f64),
-            );
-            if let Some(s) = &scaler
-                && !f.topics.is_empty()
-            {
-                backlog = match s.backlog(f, dev.inflight(&f.name).max(0) as f64).await {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::debug!(function = %f.name, error = %e, "backlog unknown");
-                        None
-                    }
-                };
-            }
-            let done = dev.counter(&f.name, "delivered")
-                + dev.counter(&f.name, "dead_lettered")
-                + dev.counter(&f.name, "dropped");
-            let activity = delivered
-                .insert(f.name.clone(), done)
-                .is_some_and(|before| before != done);
-            let current = dev.replicas.count(&f.name).await;
-            let ready = dev
-                .replicas
-                .endpoints_of(&f.name, f.max_inflight)
-                .ready_count();
-            let decision = policy::decide_with(
-                &Observed {
-                    inputs: vec![Input {
-                        name: "backlog",
-                        value: backlog,
-                    }],
-                    current,
-                    cap: None,
-                    activity,
-                },
-                // Events finished (delivered or given up) drain the backlog:
-                // with ready replicas they let the policy size by rate.
-                Serving {
-                    ready: Some(u32::try_from(ready).unwrap_or(u32::MAX)),
-                    delivered: Some(done),
-                },
-                &ScaleSpec::from_function(f),
-                states.entry(f.name.clone()).or_default(),
-                tokio::time::Instant::now(),
-            );
-            let label = FnLabel {
-                function: f.name.clone(),
-            };
+        for step in poller.poll(&*dev.replicas, &functions).await {
+            let name = &step.function.name;
+            // The largest input the policy saw.
+            let backlog = step.inputs.iter().filter_map(|i| i.value).reduce(f64::max);
             if let Some(b) = backlog {
-                dev.backlog_gauge.get_or_create(&label).set(b as i64);
+                dev.backlog_gauge
+                    .get_or_create(&FnLabel {
+                        function: name.clone(),
+                    })
+                    .set(b as i64);
             }
-            if let Some(to) = decision.replicas
-                && to != current
+            if step.decision.replicas.is_some()
+                && let Ok(mut d) = dev.decisions.lock()
             {
-                tracing::info!(function = %f.name, from = current, to, reason = %decision.reason, "scaling");
-                if let Ok(mut d) = dev.decisions.lock() {
-                    d.insert(f.name.clone(), decision.reason.to_string());
-                }
-                dev.replicas.scale(f, to).await;
+                d.insert(name.clone(), step.decision.reason.to_string());
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The local scale target: each function with a `command` runs as `ebb
 //! worker` child processes on free loopback ports, like a Deployment's pods,
-//! and the engine picks among the ready ones, like a Service.
+//! and the engine picks among the ready ones, like a Service. The
+//! autoscaler's poll scales them through [`ScaleTarget`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use ebb_autoscaler::target::{Applied, Change, ReplicaCounts, ScaleTarget};
 use ebb_connectors::engine::{Endpoints, Resolve};
 use ebb_connectors::limit::Limit;
 use ebb_model::FunctionSpec;
@@ -144,6 +146,18 @@ struct ReplicaSet {
     retry_at: Option<tokio::time::Instant>,
 }
 
+impl ReplicaSet {
+    fn new(spec: &Arc<FunctionSpec>, desired: u32) -> Self {
+        Self {
+            spec: spec.clone(),
+            desired,
+            replicas: Vec::new(),
+            crashes: 0,
+            retry_at: None,
+        }
+    }
+}
+
 /// How long to wait before replacing a replica after `crashes` deaths in a
 /// row: 1 s, doubling, at most 30 s (Kubernetes' CrashLoopBackOff, shorter).
 pub fn crash_backoff(crashes: u32) -> Duration {
@@ -221,15 +235,26 @@ impl Replicas {
     /// Scales `spec` to `n` replicas: starts new ones or stops the newest.
     pub async fn scale(&self, spec: &Arc<FunctionSpec>, n: u32) {
         let mut sets = self.sets.lock().await;
-        let set = sets.entry(spec.name.clone()).or_insert_with(|| ReplicaSet {
-            spec: spec.clone(),
-            desired: 0,
-            replicas: Vec::new(),
-            crashes: 0,
-            retry_at: None,
-        });
+        let set = sets
+            .entry(spec.name.clone())
+            .or_insert_with(|| ReplicaSet::new(spec, 0));
         set.desired = n;
         self.reconcile(set);
+    }
+
+    /// The scale of `spec`, starting it at `min-replicas` when it has none
+    /// yet, as the Deployment `ebb deploy` renders for it starts: a function
+    /// that no input scales (cron only) keeps that count.
+    pub async fn create(&self, spec: &Arc<FunctionSpec>) -> u32 {
+        let mut sets = self.sets.lock().await;
+        if let Some(set) = sets.get(&spec.name) {
+            return set.desired;
+        }
+        let set = sets
+            .entry(spec.name.clone())
+            .or_insert_with(|| ReplicaSet::new(spec, spec.min_replicas));
+        self.reconcile(set);
+        set.desired
     }
 
     /// Replaces replicas that died (once their back-off has passed), for
@@ -424,6 +449,35 @@ impl Resolve for Replicas {
             return None; // an external function: call its url
         }
         Some(self.endpoints_of(&spec.name, spec.max_inflight))
+    }
+}
+
+/// The scale target of `ebb dev`'s poll: a function with a `command` is
+/// scaled by starting and stopping its replicas; an external one is not.
+impl ScaleTarget for Replicas {
+    type Workload = ();
+    type Error = std::convert::Infallible;
+
+    async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+        if f.command.is_empty() {
+            return None;
+        }
+        let current = self.create(f).await;
+        let ready = self.endpoints_of(&f.name, f.max_inflight).ready_count();
+        let ready = Some(u32::try_from(ready).unwrap_or(u32::MAX));
+        Some(((), ReplicaCounts { current, ready }))
+    }
+
+    async fn apply(
+        &self,
+        f: &Arc<FunctionSpec>,
+        _: &(),
+        change: Change<'_>,
+    ) -> Result<Applied, Self::Error> {
+        let (from, to) = (change.from, change.to);
+        tracing::info!(function = %f.name, from, to, reason = %change.reason, "scaling");
+        self.scale(f, to).await;
+        Ok(Applied::Done)
     }
 }
 

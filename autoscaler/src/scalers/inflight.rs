@@ -249,6 +249,39 @@ impl InflightScaler {
     }
 }
 
+impl super::Scaler<Workload> for InflightScaler {
+    fn name(&self) -> &'static str {
+        "inflight"
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role::InFlight
+    }
+
+    fn serves(&self, _: &ebb_model::FunctionSpec) -> bool {
+        true
+    }
+
+    fn read<'a>(
+        &'a self,
+        _: &'a ebb_model::FunctionSpec,
+        w: &'a Workload,
+    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+        Box::pin(async move { Ok(super::Reading::value(self.read(w).await?)) })
+    }
+
+    fn retain(&self, live: &[(&ebb_model::FunctionSpec, Option<&Workload>)]) {
+        let live: std::collections::HashSet<(WorkloadKind, &str, &str)> = live
+            .iter()
+            .filter_map(|(_, w)| *w)
+            .map(|w| (w.kind, w.namespace.as_str(), w.name.as_str()))
+            .collect();
+        InflightScaler::retain(self, |kind, namespace, name| {
+            live.contains(&(kind, namespace, name))
+        });
+    }
+}
+
 fn describe(w: &Workload) -> String {
     format!("{} {}/{}", w.kind, w.namespace, w.name)
 }

@@ -219,6 +219,42 @@ impl KafkaScaler {
     }
 }
 
+impl<W: Sync> super::Scaler<W> for KafkaScaler {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role::Queue
+    }
+
+    fn serves(&self, f: &FunctionSpec) -> bool {
+        !f.topics.is_empty()
+    }
+
+    fn read<'a>(
+        &'a self,
+        f: &'a FunctionSpec,
+        _: &'a W,
+    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+        Box::pin(async move {
+            let r = self.read(f).await?;
+            Ok(super::Reading {
+                value: r.lag,
+                finished: r.finished,
+                position: None,
+                cap: Some(r.partitions),
+            })
+        })
+    }
+
+    fn retain(&self, live: &[(&FunctionSpec, Option<&W>)]) {
+        let groups: std::collections::HashSet<String> =
+            live.iter().map(|(f, _)| f.consumer_group_name()).collect();
+        KafkaScaler::retain(self, |group| groups.contains(group));
+    }
+}
+
 fn is_timeout(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut)
 }

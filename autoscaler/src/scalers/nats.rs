@@ -131,3 +131,33 @@ impl NatsScaler {
             .map_err(|_| NatsScalerError::Timeout(self.timeout))?
     }
 }
+
+impl<W: Sync> super::Scaler<W> for NatsScaler {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role::Queue
+    }
+
+    fn serves(&self, f: &FunctionSpec) -> bool {
+        !f.topics.is_empty()
+    }
+
+    fn read<'a>(
+        &'a self,
+        f: &'a FunctionSpec,
+        _: &'a W,
+    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+        Box::pin(async move {
+            let r = self.read(f).await?;
+            Ok(super::Reading {
+                value: r.backlog,
+                finished: Some(r.finished),
+                position: Some(r.delivered),
+                cap: None,
+            })
+        })
+    }
+}

@@ -827,6 +827,67 @@ pub async fn query(
     query_value(&json, promql)
 }
 
+/// The Prometheus input of functions that have one (`ebb.io/prometheus-*`):
+/// a scrape or a query, with shared credentials and client.
+#[derive(Debug, Clone)]
+pub struct PrometheusScaler {
+    client: Client,
+    auth: HttpAuth,
+    timeout: Duration,
+}
+
+impl PrometheusScaler {
+    /// `client` trusts `auth`'s CA ([`HttpAuth::build_client`]); `timeout`
+    /// bounds one read.
+    pub fn new(client: Client, auth: HttpAuth, timeout: Duration) -> Self {
+        Self {
+            client,
+            auth,
+            timeout,
+        }
+    }
+
+    /// The value of the Prometheus input `p`.
+    pub async fn read(&self, p: &ebb_model::Prometheus) -> Result<f64, ScalerError> {
+        let (client, auth, timeout) = (&self.client, &self.auth, self.timeout);
+        match p {
+            ebb_model::Prometheus::Scrape { url, metric } => {
+                scrape(client, auth, url, metric, timeout).await
+            }
+            ebb_model::Prometheus::Query { server, query: q } => {
+                query(client, auth, server, q, timeout).await
+            }
+        }
+    }
+}
+
+impl<W: Sync> super::Scaler<W> for PrometheusScaler {
+    fn name(&self) -> &'static str {
+        "prometheus"
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role::Metric
+    }
+
+    fn serves(&self, f: &ebb_model::FunctionSpec) -> bool {
+        f.prometheus.is_some()
+    }
+
+    fn read<'a>(
+        &'a self,
+        f: &'a ebb_model::FunctionSpec,
+        _: &'a W,
+    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+        Box::pin(async move {
+            let Some(p) = &f.prometheus else {
+                return Ok(super::Reading::default());
+            };
+            Ok(super::Reading::value(self.read(p).await?))
+        })
+    }
+}
+
 /// The value of a successful `/api/v1/query` answer.
 fn query_value(json: &Json, promql: &str) -> Result<f64, ScalerError> {
     let decode = |what: &str| ScalerError::Decode(what.to_owned());

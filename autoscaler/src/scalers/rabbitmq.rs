@@ -248,6 +248,36 @@ impl RabbitMqScaler {
     }
 }
 
+impl<W: Sync> super::Scaler<W> for RabbitMqScaler {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role::Queue
+    }
+
+    fn serves(&self, f: &FunctionSpec) -> bool {
+        !f.topics.is_empty()
+    }
+
+    fn read<'a>(
+        &'a self,
+        f: &'a FunctionSpec,
+        _: &'a W,
+    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+        Box::pin(async move {
+            let r = self.read(f).await?;
+            Ok(super::Reading {
+                value: r.backlog,
+                finished: r.finished,
+                position: None,
+                cap: None,
+            })
+        })
+    }
+}
+
 async fn read_management(
     client: &Client,
     config: &Management,

@@ -1,0 +1,637 @@
+//! One poll over every function, the same for `ebb autoscaler` (Kubernetes)
+//! and `ebb dev` (local replicas). For each function that has a workload
+//! on the [`ScaleTarget`]:
+//!
+//! 1. read every [`Scaler`] that serves it, in the order given; in-flight
+//!    inputs ([`Role::InFlight`]) last, and only when another input serves
+//!    it (a function with none, e.g. cron only, is not autoscaled);
+//! 2. the activity rule: work was done since the last poll when a queue's
+//!    delivered position moved, or else the finished count of the queue
+//!    with the largest backlog ([`policy::finished_of`], [`policy::moved`]);
+//! 3. [`policy::decide_with`], with the target's ready count and that
+//!    finished count, so the policy can size by measured rates;
+//! 4. record the decision (metrics by reason) and apply a new count.
+//!
+//! Up to `concurrency` functions are read, decided and applied at the same
+//! time, so one slow input (bounded by its scaler's timeout) delays only its
+//! own function.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ebb_model::FunctionSpec;
+use futures::StreamExt as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::policy::{self, Decision, Input, Observed, PolicyState, ScaleSpec, Serving};
+use crate::scalers::{Role, Scaler};
+use crate::target::{Applied, Change, ScaleTarget};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FnLabel {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    function: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScalerLabel {
+    function: String,
+    scaler: &'static str,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InputLabel {
+    function: String,
+    input: &'static str,
+}
+
+/// The poll's metrics (`ebb_autoscaler_…`), labelled by function key
+/// (`namespace/name`).
+#[derive(Clone)]
+pub struct Metrics {
+    desired: Family<FnLabel, Gauge>,
+    current: Family<FnLabel, Gauge>,
+    value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    decisions: Family<ReasonLabel, Counter>,
+    scaler_errors: Family<ScalerLabel, Counter>,
+    patches: Family<FnLabel, Counter>,
+    patch_errors: Family<FnLabel, Counter>,
+    /// One poll over every function.
+    poll_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            desired: Family::default(),
+            current: Family::default(),
+            value: Family::default(),
+            decisions: Family::default(),
+            scaler_errors: Family::default(),
+            patches: Family::default(),
+            patch_errors: Family::default(),
+            poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        };
+        r.register(
+            "ebb_autoscaler_desired_replicas",
+            "Replicas the policy asks for",
+            m.desired.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_current_replicas",
+            "Replicas the workload has",
+            m.current.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_metric_value",
+            "Last value read per input",
+            m.value.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_decisions",
+            "Policy decisions by reason",
+            m.decisions.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scaler_errors",
+            "Inputs that could not be read",
+            m.scaler_errors.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scale_patches",
+            "Scale changes applied (on Kubernetes, scale subresource patches)",
+            m.patches.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_scale_patch_errors",
+            "Scale changes that failed",
+            m.patch_errors.clone(),
+        );
+        r.register(
+            "ebb_autoscaler_poll_duration_seconds",
+            "One poll: every function's inputs read, its count decided and applied",
+            m.poll_duration.clone(),
+        );
+        m
+    }
+}
+
+/// One function's step, as the policy saw and decided it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub function: Arc<FunctionSpec>,
+    /// Every input read, in order (`None`: unknown).
+    pub inputs: Vec<Input>,
+    pub current: u32,
+    pub decision: Decision,
+}
+
+/// What the poll keeps of a function between polls.
+#[derive(Default)]
+struct FnState {
+    policy: PolicyState,
+    /// The last position (or finished count) read, for the activity rule.
+    position: Option<u64>,
+}
+
+/// What one function's inputs gave.
+#[derive(Default)]
+struct Read {
+    inputs: Vec<Input>,
+    /// `(backlog, finished)` of each queue input read.
+    queues: Vec<(f64, Option<u64>)>,
+    position: Option<u64>,
+    cap: Option<u32>,
+}
+
+/// The poll loop's body: the scalers, the policy's memory and the metrics.
+pub struct Poller<W> {
+    scalers: Vec<Box<dyn Scaler<W>>>,
+    metrics: Metrics,
+    concurrency: usize,
+    states: Mutex<HashMap<String, FnState>>,
+}
+
+/// `namespace/name`, the key of metrics and of the policy's memory.
+fn key(f: &FunctionSpec) -> String {
+    format!("{}/{}", f.namespace, f.name)
+}
+
+impl<W: Send + Sync> Poller<W> {
+    /// `scalers` in the order their inputs are read (which names the first
+    /// unknown input, and breaks ties); up to `concurrency` functions at a
+    /// time (at least 1).
+    pub fn new(scalers: Vec<Box<dyn Scaler<W>>>, metrics: Metrics, concurrency: usize) -> Self {
+        Self {
+            scalers,
+            metrics,
+            concurrency: concurrency.max(1),
+            states: Mutex::default(),
+        }
+    }
+
+    /// One poll over `functions`, scaled through `target`; returns the step
+    /// of each function decided. Forgets functions no longer listed.
+    pub async fn poll<T>(&self, target: &T, functions: &[Arc<FunctionSpec>]) -> Vec<Step>
+    where
+        T: ScaleTarget<Workload = W>,
+    {
+        let started = Instant::now();
+        let mut workloads: Vec<Option<W>> = functions.iter().map(|_| None).collect();
+        let mut steps = Vec::new();
+        let one = |i: usize| async move { (i, self.step(target, &functions[i]).await) };
+        let mut done = futures::stream::iter(0..functions.len())
+            .map(one)
+            .buffer_unordered(self.concurrency);
+        while let Some((i, (w, step))) = done.next().await {
+            workloads[i] = w;
+            steps.extend(step);
+        }
+        drop(done);
+        let live: Vec<(&FunctionSpec, Option<&W>)> = functions
+            .iter()
+            .zip(&workloads)
+            .map(|(f, w)| (&**f, w.as_ref()))
+            .collect();
+        let keys: HashSet<String> = functions.iter().map(|f| key(f)).collect();
+        self.lock().retain(|k, _| keys.contains(k));
+        for s in &self.scalers {
+            s.retain(&live);
+        }
+        self.metrics
+            .poll_duration
+            .observe(started.elapsed().as_secs_f64());
+        steps
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FnState>> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads, decides and applies one function: its workload (if any) and
+    /// its step (if it has inputs).
+    async fn step<T>(&self, target: &T, f: &Arc<FunctionSpec>) -> (Option<W>, Option<Step>)
+    where
+        T: ScaleTarget<Workload = W>,
+    {
+        let Some((w, counts)) = target.workload(f).await else {
+            return (None, None);
+        };
+        let seen = Instant::now();
+        let key = key(f);
+        let read = self.read(f, &w, &key).await;
+        if read.inputs.is_empty() {
+            return (Some(w), None); // nothing to scale by (e.g. a cron-only function)
+        }
+        let finished = policy::finished_of(&read.queues);
+        let current = counts.current;
+        let spec = ScaleSpec::from_function(f);
+        let now = Instant::now();
+        let mut observed = Observed {
+            inputs: read.inputs,
+            current,
+            cap: read.cap,
+            activity: false,
+        };
+        let decision = {
+            let mut states = self.lock();
+            let st = states.entry(key.clone()).or_default();
+            // Work done since the last poll: a queue's delivered position,
+            // or else the finished count, moved.
+            observed.activity = policy::moved(&mut st.position, read.position.or(finished));
+            policy::decide_with(
+                &observed,
+                // Ready replicas and finished messages let the policy size
+                // by measured rates instead of chasing a backlog that grows
+                // while replicas start.
+                Serving {
+                    ready: counts.ready,
+                    delivered: finished,
+                },
+                &spec,
+                &mut st.policy,
+                now,
+            )
+        };
+        self.record(&key, current, &decision);
+        if let Some(to) = decision.replicas {
+            let change = Change {
+                from: current,
+                to,
+                reason: &decision.reason,
+                seen,
+            };
+            let label = FnLabel {
+                function: key.clone(),
+            };
+            match target.apply(f, &w, change).await {
+                Ok(Applied::Done) => {
+                    self.metrics.patches.get_or_create(&label).inc();
+                }
+                Ok(Applied::LeftAlone) => {}
+                Err(e) => {
+                    self.metrics.patch_errors.get_or_create(&label).inc();
+                    tracing::warn!(function = %key, error = %e, "cannot scale");
+                }
+            }
+        }
+        let step = Step {
+            function: f.clone(),
+            inputs: observed.inputs,
+            current,
+            decision,
+        };
+        (Some(w), Some(step))
+    }
+
+    /// Reads every input of `f`.
+    async fn read(&self, f: &FunctionSpec, w: &W, key: &str) -> Read {
+        let mut read = Read::default();
+        let others = self.scalers.iter().filter(|s| s.role() != Role::InFlight);
+        for s in others.filter(|s| s.serves(f)) {
+            self.read_one(&mut read, &**s, f, w, key).await;
+        }
+        if !read.inputs.is_empty() {
+            let inflight = self.scalers.iter().filter(|s| s.role() == Role::InFlight);
+            for s in inflight.filter(|s| s.serves(f)) {
+                self.read_one(&mut read, &**s, f, w, key).await;
+            }
+        }
+        for i in &read.inputs {
+            if let Some(v) = i.value {
+                self.metrics
+                    .value
+                    .get_or_create(&InputLabel {
+                        function: key.to_owned(),
+                        input: i.name,
+                    })
+                    .set(v);
+            }
+        }
+        read
+    }
+
+    async fn read_one(
+        &self,
+        read: &mut Read,
+        s: &dyn Scaler<W>,
+        f: &FunctionSpec,
+        w: &W,
+        key: &str,
+    ) {
+        let name = s.name();
+        let value = match s.read(f, w).await {
+            Ok(r) => {
+                if s.role() == Role::Queue {
+                    read.queues.push((r.value, r.finished));
+                    read.position = read.position.or(r.position);
+                }
+                if let Some(cap) = r.cap {
+                    read.cap = Some(read.cap.map_or(cap, |c| c.min(cap)));
+                }
+                Some(r.value)
+            }
+            Err(e) => {
+                self.metrics
+                    .scaler_errors
+                    .get_or_create(&ScalerLabel {
+                        function: key.to_owned(),
+                        scaler: name,
+                        error: e.metric_label(),
+                    })
+                    .inc();
+                tracing::debug!(function = %key, scaler = name, error = %e, "input unknown");
+                None
+            }
+        };
+        read.inputs.push(Input { name, value });
+    }
+
+    /// The decision's metrics.
+    fn record(&self, key: &str, current: u32, decision: &Decision) {
+        let label = FnLabel {
+            function: key.to_owned(),
+        };
+        self.metrics
+            .current
+            .get_or_create(&label)
+            .set(i64::from(current));
+        self.metrics
+            .desired
+            .get_or_create(&label)
+            .set(i64::from(decision.replicas.unwrap_or(current)));
+        self.metrics
+            .decisions
+            .get_or_create(&ReasonLabel {
+                function: key.to_owned(),
+                reason: decision.reason.label(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::policy::Reason;
+    use crate::scalers::{ReadError, Reading};
+    use crate::target::ReplicaCounts;
+
+    /// The next reading of a [`Fixed`] input (`Err`: unknown).
+    type Next = Arc<Mutex<Result<Reading, &'static str>>>;
+
+    /// An input whose next reading the test sets; it serves functions with
+    /// topics (queues) or every function.
+    struct Fixed {
+        name: &'static str,
+        role: Role,
+        next: Next,
+    }
+
+    /// A [`Fixed`] input and the handle that sets its readings.
+    fn fixed(name: &'static str, role: Role) -> (Box<dyn Scaler<()>>, Next) {
+        let next = Next::new(Mutex::new(Ok(Reading::default())));
+        let scaler = Fixed {
+            name,
+            role,
+            next: next.clone(),
+        };
+        (Box::new(scaler), next)
+    }
+
+    impl Scaler<()> for Fixed {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        fn role(&self) -> Role {
+            self.role
+        }
+
+        fn serves(&self, f: &FunctionSpec) -> bool {
+            self.role == Role::InFlight || !f.topics.is_empty()
+        }
+
+        fn read<'a>(
+            &'a self,
+            _: &'a FunctionSpec,
+            _: &'a (),
+        ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+            let next = *self.next.lock().unwrap();
+            Box::pin(async move {
+                next.map_err(|message| ReadError::Other {
+                    label: "test",
+                    message: message.into(),
+                })
+            })
+        }
+    }
+
+    /// Replicas of the functions it lists; records every change applied.
+    #[derive(Default)]
+    struct Target {
+        counts: Mutex<HashMap<String, u32>>,
+        applied: Mutex<Vec<(String, u32, u32)>>,
+    }
+
+    impl Target {
+        fn with(names: &[(&str, u32)]) -> Self {
+            let t = Self::default();
+            for (name, n) in names {
+                t.counts.lock().unwrap().insert((*name).into(), *n);
+            }
+            t
+        }
+
+        fn applied(&self) -> Vec<(String, u32, u32)> {
+            std::mem::take(&mut *self.applied.lock().unwrap())
+        }
+    }
+
+    impl ScaleTarget for Target {
+        type Workload = ();
+        type Error = std::convert::Infallible;
+
+        async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+            let current = *self.counts.lock().unwrap().get(&f.name)?;
+            Some((
+                (),
+                ReplicaCounts {
+                    current,
+                    ready: Some(current),
+                },
+            ))
+        }
+
+        async fn apply(
+            &self,
+            f: &Arc<FunctionSpec>,
+            _: &(),
+            change: Change<'_>,
+        ) -> Result<Applied, Self::Error> {
+            self.counts
+                .lock()
+                .unwrap()
+                .insert(f.name.clone(), change.to);
+            self.applied
+                .lock()
+                .unwrap()
+                .push((f.name.clone(), change.from, change.to));
+            Ok(Applied::Done)
+        }
+    }
+
+    fn function(name: &str, topics: &[&str]) -> Arc<FunctionSpec> {
+        let mut f = FunctionSpec::new(name, "default");
+        f.topics = topics.iter().map(|t| (*t).to_owned()).collect();
+        f.scale_to_zero_after = Duration::from_secs(10);
+        f.scale_down_window = Duration::from_secs(10);
+        Arc::new(f)
+    }
+
+    fn poller(scalers: Vec<Box<dyn Scaler<()>>>) -> Poller<()> {
+        Poller::new(scalers, Metrics::register(&mut Registry::default()), 4)
+    }
+
+    fn value(value: f64) -> Result<Reading, &'static str> {
+        Ok(Reading::value(value))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_are_read_in_order_and_in_flight_never_scales_alone() {
+        let (queue, q) = fixed("queue", Role::Queue);
+        let (inflight, i) = fixed("inflight", Role::InFlight);
+        // In-flight first in the list is still read last.
+        let poller = poller(vec![inflight, queue]);
+        *q.lock().unwrap() = value(25.0);
+        *i.lock().unwrap() = value(3.0);
+        let target = Target::with(&[("orders", 0), ("cron", 0)]);
+        let functions = [
+            function("orders", &["o"]),
+            function("cron", &[]),
+            function("external", &["o"]),
+        ];
+        let steps = poller.poll(&target, &functions).await;
+        // Only `orders` has a workload and an input besides in-flight.
+        assert_eq!(steps.len(), 1);
+        let names: Vec<_> = steps[0].inputs.iter().map(|i| i.name).collect();
+        assert_eq!(names, ["queue", "inflight"]);
+        assert_eq!(
+            steps[0].decision.reason,
+            Reason::Wake {
+                input: "queue",
+                value: 25.0,
+                replicas: 3
+            }
+        );
+        assert_eq!(target.applied(), [("orders".to_owned(), 0, 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_input_holds_and_the_partition_cap_applies() {
+        let (queue, q) = fixed("kafka", Role::Queue);
+        let poller = poller(vec![queue]);
+        let target = Target::with(&[("log", 0)]);
+        let functions = [function("log", &["l"])];
+        *q.lock().unwrap() = Err("broker down");
+        let steps = poller.poll(&target, &functions).await;
+        assert_eq!(steps[0].inputs[0].value, None);
+        assert_eq!(steps[0].decision.reason, Reason::Unknown { input: "kafka" });
+        assert!(target.applied().is_empty());
+        // 100 messages, target 10, but two partitions: two replicas.
+        *q.lock().unwrap() = Ok(Reading {
+            value: 100.0,
+            cap: Some(2),
+            ..Reading::default()
+        });
+        poller.poll(&target, &functions).await;
+        assert_eq!(target.applied(), [("log".to_owned(), 0, 2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_count_that_moves_is_activity_and_keeps_replicas() {
+        let (queue, q) = fixed("queue", Role::Queue);
+        let poller = poller(vec![queue]);
+        let target = Target::with(&[("jobs", 1)]);
+        let functions = [function("jobs", &["j"])];
+        // Nothing waits at any poll, but work is finished between polls.
+        for finished in 0..30 {
+            *q.lock().unwrap() = Ok(Reading {
+                finished: Some(finished),
+                ..Reading::default()
+            });
+            poller.poll(&target, &functions).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(target.applied().is_empty(), "a trickle is not idle");
+        // The count stops moving: idle for scale-to-zero-after (10 s), then 0.
+        for _ in 0..12 {
+            poller.poll(&target, &functions).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(target.applied(), [("jobs".to_owned(), 1, 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_finished_count_is_that_of_the_largest_queue() {
+        let (small, s) = fixed("small", Role::Queue);
+        let (large, l) = fixed("large", Role::Queue);
+        let (metric, m) = fixed("metric", Role::Metric);
+        let poller = poller(vec![small, large, metric]);
+        let target = Target::with(&[("f", 1)]);
+        let functions = [function("f", &["t"])];
+        *m.lock().unwrap() = value(0.0);
+        *l.lock().unwrap() = value(0.0);
+        for n in 0..30 {
+            // Only the smaller queue's count moves: no evidence of work on
+            // the queue the policy sizes by.
+            *s.lock().unwrap() = Ok(Reading {
+                value: 0.0,
+                finished: Some(n),
+                ..Reading::default()
+            });
+            *l.lock().unwrap() = Ok(Reading {
+                value: 0.0,
+                finished: Some(7),
+                ..Reading::default()
+            });
+            poller.poll(&target, &functions).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // On a tie the later queue counts: `large` never moved, so idle.
+        assert_eq!(target.applied(), [("f".to_owned(), 1, 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removed_functions_are_forgotten() {
+        let (queue, q) = fixed("queue", Role::Queue);
+        let poller = poller(vec![queue]);
+        *q.lock().unwrap() = value(0.0);
+        let target = Target::with(&[("a", 0), ("b", 0)]);
+        poller
+            .poll(&target, &[function("a", &["t"]), function("b", &["t"])])
+            .await;
+        assert_eq!(poller.lock().len(), 2);
+        poller.poll(&target, &[function("a", &["t"])]).await;
+        assert_eq!(
+            poller.lock().keys().cloned().collect::<Vec<_>>(),
+            ["default/a"]
+        );
+    }
+}
