@@ -65,7 +65,11 @@ impl Running {
 }
 
 fn keys(catalog: &Catalog) -> Vec<String> {
-    catalog.functions.iter().map(|f| f.key()).collect()
+    catalog
+        .functions
+        .iter()
+        .map(|f| f.key().to_string())
+        .collect()
 }
 
 const TOPICS: (&str, &str) = ("ebb.io/topics", "orders");

@@ -296,7 +296,7 @@ impl ScaleTarget for Kube<'_> {
     type Error = crate::target::TargetError;
 
     async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<(ebb_kube::Workload, ReplicaCounts)> {
-        let w = self.workloads.get(&format!("{}/{}", f.namespace, f.name))?;
+        let w = self.workloads.get(&f.key().to_string())?;
         let counts = ReplicaCounts {
             current: w.replicas.unwrap_or(1),
             ready: Some(w.ready_replicas),

@@ -166,7 +166,7 @@ pub struct Poller<W> {
 
 /// `namespace/name`, the key of metrics and of the policy's memory.
 fn key(f: &FunctionSpec) -> String {
-    format!("{}/{}", f.namespace, f.name)
+    f.key().to_string()
 }
 
 impl<W: Send + Sync> Poller<W> {

@@ -632,7 +632,7 @@ impl Source for AmqpSource {
             // An existing queue is the user's: never unbound or deleted.
             return Ok(());
         }
-        let key = format!("{}/{}", old.namespace, old.name);
+        let key = old.key();
         let queue = short("queue", &old.queue_name())?;
         // Topics no longer routed to this queue: all of them when the
         // function is gone (or now consumes another queue), else those
@@ -716,7 +716,7 @@ async fn start_consumer(
     spec: &FunctionSpec,
     limit: usize,
 ) -> Result<(Channel, lapin::Consumer, String, String), Error> {
-    let key = format!("{}/{}", spec.namespace, spec.name);
+    let key = spec.key();
     let queue_name = spec.queue_name();
     let queue = short("queue", &queue_name)?;
     let channel = s

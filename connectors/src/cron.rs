@@ -319,7 +319,7 @@ pub fn catch_up(
 
 /// The event of one fire.
 pub fn tick_event(spec: &FunctionSpec, at: DateTime<Utc>) -> Event {
-    let key = format!("{}/{}", spec.namespace, spec.name);
+    let key = spec.key();
     let when = at.to_rfc3339_opts(SecondsFormat::Millis, true);
     Event {
         id: format!("{key}@{when}"),
@@ -777,7 +777,7 @@ mod tests {
         });
         let catalog = crate::catalog::stack_catalog(stack);
         assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
-        let key = catalog.functions[0].key();
+        let key = catalog.functions[0].key().to_string();
         let (_tx, rx) = watch::channel(Arc::new(catalog));
         let stop = CancellationToken::new();
         let task = tokio::spawn(run_schedules(

@@ -197,13 +197,13 @@ impl Waker {
     /// wakes it at once.
     pub fn forget(&self, f: &FunctionSpec) {
         if let Ok(mut last) = self.last.lock() {
-            last.remove(&format!("{}/{}", f.namespace, f.name));
+            last.remove(&f.key().to_string());
         }
     }
 
     pub fn wake(&self, f: &FunctionSpec) {
         let Some(base) = &self.url else { return };
-        let key = format!("{}/{}", f.namespace, f.name);
+        let key = f.key().to_string();
         let now = Instant::now();
         if let Ok(mut last) = self.last.lock() {
             if last
@@ -392,7 +392,7 @@ impl Engine {
     /// Prepares delivery to `spec`: parses its URL (`ebb.io/url` or the
     /// Service default) and creates its metric series.
     pub fn target(&self, spec: Arc<FunctionSpec>) -> Result<Arc<Target>, Error> {
-        let key = format!("{}/{}", spec.namespace, spec.name);
+        let key = spec.key().to_string();
         let endpoints = self
             .config
             .resolver

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ebb_model::{Catalog, Function, FunctionSpec};
+use ebb_model::{Catalog, Function, FunctionKey, FunctionSpec};
 use ebb_runtime::Retrying;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -364,11 +364,11 @@ struct Supervisor<S: Source> {
     engine: Arc<Engine>,
     global: Arc<Limit>,
     settings: Settings,
-    running: HashMap<String, Running>,
+    running: HashMap<FunctionKey, Running>,
     /// Consumers winding down in the background, by function.
-    stopping: HashMap<String, JoinHandle<()>>,
+    stopping: HashMap<FunctionKey, JoinHandle<()>>,
     /// Told the key of each consumer that finished winding down.
-    stopped_tx: mpsc::UnboundedSender<(String, Arc<FunctionSpec>)>,
+    stopped_tx: mpsc::UnboundedSender<(FunctionKey, Arc<FunctionSpec>)>,
 }
 
 impl<S: Source> Supervisor<S> {
@@ -378,7 +378,8 @@ impl<S: Source> Supervisor<S> {
     /// consumer to stop; `Err` when the shared set-up failed.
     async fn reconcile(&mut self, functions: &[Function]) -> Result<bool, Error> {
         self.source.prepare(functions).await?;
-        let wanted: HashMap<String, &Function> = functions.iter().map(|f| (f.key(), f)).collect();
+        let wanted: HashMap<FunctionKey, &Function> =
+            functions.iter().map(|f| (f.key(), f)).collect();
 
         // Gone, or changed in what delivery depends on: wind down, in the
         // background; a restart starts once the old consumer is gone.
@@ -468,7 +469,7 @@ impl<S: Source> Supervisor<S> {
                         .metrics()
                         .consumer_starts
                         .get_or_create(&FunctionLabels {
-                            function: key.clone(),
+                            function: key.to_string(),
                         })
                         .inc();
                     self.limit_gauge(&key).set(limit.max() as i64);
@@ -502,7 +503,7 @@ impl<S: Source> Supervisor<S> {
         Ok(complete)
     }
 
-    fn limit_gauge(&self, key: &str) -> prometheus_client::metrics::gauge::Gauge {
+    fn limit_gauge(&self, key: &FunctionKey) -> prometheus_client::metrics::gauge::Gauge {
         self.engine
             .metrics()
             .delivery_limit
@@ -514,7 +515,7 @@ impl<S: Source> Supervisor<S> {
 
     /// Winds down `key`'s consumer in the background; the loop hears when
     /// it is done.
-    fn stop_in_background(&mut self, key: &str, why: &'static str) {
+    fn stop_in_background(&mut self, key: &FunctionKey, why: &'static str) {
         let Some(r) = self.running.remove(key) else {
             return;
         };
@@ -524,12 +525,12 @@ impl<S: Source> Supervisor<S> {
             self.stopped_tx.clone(),
             r.spec.clone(),
         );
-        let k = key.to_string();
+        let k = key.clone();
         let task = tokio::spawn(async move {
             wind_down(r, drain).await;
             let _ = tx.send((k, spec));
         });
-        self.stopping.insert(key.to_string(), task);
+        self.stopping.insert(key.clone(), task);
     }
 
     /// After a failed connect or set-up: a configuration mistake stops

@@ -106,7 +106,7 @@ pub(crate) struct Dev {
 
 impl Dev {
     fn key(name: &str) -> String {
-        format!("{}/{name}", ebb_model::DEFAULT_NAMESPACE)
+        ebb_model::FunctionKey::new(ebb_model::DEFAULT_NAMESPACE, name).to_string()
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -56,7 +56,7 @@ pub(crate) fn poller(
 }
 
 fn key(f: &FunctionSpec) -> String {
-    format!("{}/{}", f.namespace, f.name)
+    f.key().to_string()
 }
 
 /// Events the engine finished for `f`: delivered, dead-lettered or given up.

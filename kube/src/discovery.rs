@@ -78,7 +78,7 @@ pub struct Workload {
 impl Workload {
     /// `namespace/name`, the same key as [`Function::key`].
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        ebb_model::FunctionKey::new(&self.namespace, &self.name).to_string()
     }
 
     /// The path of its scale subresource:
@@ -645,7 +645,11 @@ mod tests {
     }
 
     fn names(catalog: &Catalog) -> Vec<String> {
-        catalog.functions.iter().map(Function::key).collect()
+        catalog
+            .functions
+            .iter()
+            .map(|f| f.key().to_string())
+            .collect()
     }
 
     const TOPIC: (&str, &str) = ("ebb.io/topics", "orders");

@@ -17,8 +17,44 @@ pub struct Function {
 
 impl Function {
     /// `namespace/name`, unique within a catalog.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.spec.namespace, self.spec.name)
+    pub fn key(&self) -> FunctionKey {
+        self.spec.key()
+    }
+}
+
+/// A function's identity across ebb: its namespace and name, written
+/// `namespace/name` (in logs, metric labels, wake-up paths and Events).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FunctionKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FunctionKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FunctionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl PartialEq<&str> for FunctionKey {
+    fn eq(&self, other: &&str) -> bool {
+        other.split_once('/') == Some((self.namespace.as_str(), self.name.as_str()))
+    }
+}
+
+impl FunctionSpec {
+    /// Its [`FunctionKey`].
+    pub fn key(&self) -> FunctionKey {
+        FunctionKey::new(&self.namespace, &self.name)
     }
 }
 

@@ -34,7 +34,7 @@ mod spec;
 mod stack;
 mod values;
 
-pub use catalog::{Catalog, Function};
+pub use catalog::{Catalog, Function, FunctionKey};
 pub use error::{ConfigError, StackError};
 pub use spec::{
     ANNOTATION_PREFIX, Concurrency, DEFAULT_NAMESPACE, FunctionSpec, KafkaOrdering, Prometheus,
