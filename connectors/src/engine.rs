@@ -557,6 +557,20 @@ impl Engine {
         });
 
         let mut attempt = d.attempt().max(1);
+        if attempt > f.max_attempts {
+            // Delivered again past its budget (an ack wait ran out, or its
+            // dead letter could not be stored last time): no further call.
+            let made = attempt - 1;
+            let info = DeadLetterInfo {
+                reason: format!("attempts exhausted ({made} of {})", f.max_attempts),
+                attempts: made,
+                last_status: None,
+                last_response: Bytes::new(),
+            };
+            self.dead_letter(t, function, event, &mut d, dead_letters, info)
+                .await;
+            return;
+        }
         // When the broker's deadline was last extended (or the event taken):
         // calls and pauses extend it once a progress interval has passed
         // since, however short each of them is.

@@ -1135,6 +1135,26 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
+    let tl = Timeline::new();
+    let url = function(&tl, vec![answer(200)]).await;
+    let mut f = spec(&url);
+    f.max_attempts = 2;
+    let s = setup(f, config(), None);
+    let sink = Sink::new(&tl);
+    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
+        .await;
+    assert_eq!(tl.kinds(), [Step::Publish { ok: true }, Step::Terminate]);
+    let h = sink.stored()[0].headers.clone();
+    assert_eq!(
+        header(&h, "ebb-dead-letter-reason"),
+        "attempts exhausted (2 of 2)"
+    );
+    assert_eq!(header(&h, "ebb-attempts"), "2");
+    assert_eq!(s.outcome("dead_lettered"), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn without_a_dead_letter_destination_a_given_up_event_is_dropped() {
     let tl = Timeline::new();
     let url = function(&tl, vec![answer(400)]).await;
