@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, NatsServer, ebb_command, free_port, within};
 use async_nats::jetstream::{self, consumer, stream};
+use ebb_kube_double::KubeApi;
 use futures::StreamExt;
 use tokio::time::Instant;
 

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, KafkaMock, RabbitMq, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::autoscaler_stub::MetricsStub;
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 
 const READY_AFTER: Duration = Duration::from_millis(700);
 

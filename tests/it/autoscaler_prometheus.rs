@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use crate::autoscaler_stub::MetricsStub;
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 
 fn autoscaler(api: &KubeApi, dir: &std::path::Path, admin: u16, extra: &[&str]) -> ChildGuard {
     let mut cmd = ebb_command();

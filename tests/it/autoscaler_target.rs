@@ -5,11 +5,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::support::kube_api::{KubeApi, Match};
 use ebb_autoscaler::target::{
     HPA_CONFLICT_REASON, KubeTarget, SCALED_REASON, SetOutcome, TargetError, WakeOutcome,
     WorkloadKind, WorkloadRef,
 };
+use ebb_kube_double::{KubeApi, Match};
 use serde_json::json;
 
 const NS: &str = "shop";

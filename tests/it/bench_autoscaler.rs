@@ -21,9 +21,9 @@
 use std::time::Duration;
 
 use crate::autoscaler_stub::MetricsStub;
-use crate::support::kube_api::KubeApi;
 use crate::support::proc_stat::{clock_ticks_per_second, cpu_ticks, status_mib};
 use crate::support::{ChildGuard, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 use tokio::time::Instant;
 
 fn sample(text: &str, name: &str) -> Option<f64> {

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, NatsServer, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

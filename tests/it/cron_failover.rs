@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::sink::{Call, Sink};
 use crate::support::{ChildGuard, ebb_command, free_port};
 use chrono::{DateTime, Utc};
+use ebb_kube_double::KubeApi;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 

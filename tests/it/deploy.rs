@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, ebb_command, free_port, within};
+use ebb_kube_double::KubeApi;
 use serde::Deserialize;
 use serde_norway::Value;
 

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::kube_api::{KubeApi, KubeRequest, Match};
 use crate::support::within;
 use ebb_kube::k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use ebb_kube::k8s_openapi::jiff::Timestamp;
 use ebb_kube::lease::{AnnotationError, annotation_key, read_annotations};
 use ebb_kube::{Elector, LeaderHandle, LeaseConfig};
+use ebb_kube_double::{KubeApi, KubeRequest, Match};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};

@@ -1,8 +1,9 @@
 //! ebb's integration tests: one test binary (`it`), one module per area.
 //!
 //! Everything here runs real `ebb` processes (or the crates' public APIs)
-//! against real brokers and the Kubernetes API double from [`support`]. One
-//! binary means the shared support code is compiled and linked once.
+//! against real brokers from [`support`] and the Kubernetes API double
+//! (`ebb_kube_double`, in `testing/kube-double`). One binary means the
+//! shared support code is compiled and linked once.
 //!
 //! ```sh
 //! cargo nextest run --test it                            # all of them

@@ -5,9 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::kube_api::KubeApi;
 use crate::support::{ChildGuard, NatsServer, ebb_command, free_port, within};
 use async_nats::jetstream;
+use ebb_kube_double::KubeApi;
 
 /// An HTTP function that records `(path, body)` of each call.
 async fn recording_function() -> (String, Arc<Mutex<Vec<(String, String)>>>) {

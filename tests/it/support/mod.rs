@@ -17,7 +17,6 @@ pub mod amqp;
 pub mod connector;
 pub mod http;
 pub mod kafka;
-pub mod kube_api;
 pub mod nats;
 pub mod ports;
 pub mod proc_stat;
