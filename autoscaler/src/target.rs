@@ -587,72 +587,19 @@ fn classify_status(status: Status, w: &WorkloadRef, verb: &'static str) -> Targe
 
 #[cfg(test)]
 mod tests {
-    //! Exact requests against a `tower-test` mock API server.
+    //! Exact requests, answered one by one ([`Scenario`]).
 
     use std::time::Duration;
 
-    use http::{Method, Request, Response, StatusCode};
-    use http_body_util::BodyExt;
-    use kube::Client;
-    use kube::client::Body;
+    use ebb_kube_double::Scenario;
     use serde_json::{Value, json};
-    use tower_test::mock::{self, SendResponse};
 
     use super::*;
 
-    type Handle = mock::Handle<Request<Body>, Response<Body>>;
-
-    fn mock_target() -> (KubeTarget, Handle) {
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let target = KubeTarget::new(Client::new(service, "default"), None)
-            .with_retries(3, Duration::from_millis(1));
-        (target, handle)
-    }
-
-    #[derive(Debug)]
-    struct Seen {
-        method: Method,
-        uri: String,
-        content_type: Option<String>,
-        body: Value,
-    }
-
-    async fn next_request(handle: &mut Handle) -> (Seen, SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .expect("timed out waiting for a request")
-            .expect("client dropped the service");
-        let (parts, body) = request.into_parts();
-        let bytes = body.collect().await.expect("request body").to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("request body is JSON")
-        };
-        let seen = Seen {
-            method: parts.method,
-            uri: parts
-                .uri
-                .path_and_query()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            content_type: parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            body,
-        };
-        (seen, send)
-    }
-
-    fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-        let response = Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Body::from(serde_json::to_vec(body).expect("json")))
-            .expect("response");
-        send.send_response(response);
+    fn mock_target() -> (KubeTarget, Scenario) {
+        let (client, api) = Scenario::client();
+        let target = KubeTarget::new(client, None).with_retries(3, Duration::from_millis(1));
+        (target, api)
     }
 
     fn scale(ns: &str, name: &str, replicas: i32, rv: &str) -> Value {
@@ -664,23 +611,18 @@ mod tests {
         })
     }
 
-    fn status(code: u16, reason: &str, message: &str) -> Value {
-        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-               "code": code, "reason": reason, "message": message})
-    }
-
     const DEPLOY_SCALE: &str = "/apis/apps/v1/namespaces/shop/deployments/echo/scale";
 
     #[tokio::test]
     async fn get_reads_the_scale_subresource() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         assert_eq!(w.scale_path(), DEPLOY_SCALE);
         let server = tokio::spawn(async move {
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::GET);
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "GET");
             assert_eq!(seen.uri, DEPLOY_SCALE);
-            respond(send, StatusCode::OK, &scale("shop", "echo", 3, "42"));
+            reply.json(200, &scale("shop", "echo", 3, "42"));
         });
         let got = target.get(&w).await.expect("get");
         assert_eq!(
@@ -696,22 +638,22 @@ mod tests {
 
     #[tokio::test]
     async fn set_merge_patches_spec_replicas() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::statefulset("shop", "echo");
         let path = "/apis/apps/v1/namespaces/shop/statefulsets/echo/scale";
         let server = tokio::spawn(async move {
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!((seen.method, seen.uri.as_str()), (Method::GET, path));
-            respond(send, StatusCode::OK, &scale("shop", "echo", 0, "7"));
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::PATCH);
+            let (seen, reply) = api.next().await;
+            assert_eq!((seen.method.as_str(), seen.uri.as_str()), ("GET", path));
+            reply.json(200, &scale("shop", "echo", 0, "7"));
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "PATCH");
             assert_eq!(seen.uri, format!("{path}?"));
             assert_eq!(
                 seen.content_type.as_deref(),
                 Some("application/merge-patch+json")
             );
             assert_eq!(seen.body, json!({"spec": {"replicas": 8}}));
-            respond(send, StatusCode::OK, &scale("shop", "echo", 8, "8"));
+            reply.json(200, &scale("shop", "echo", 8, "8"));
         });
         let outcome = target.set(&w, 0, 8, "backlog 80").await.expect("set");
         assert_eq!(outcome, SetOutcome::Scaled { from: 0, to: 8 });
@@ -720,22 +662,17 @@ mod tests {
 
     #[tokio::test]
     async fn set_does_not_patch_an_unchanged_count() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         let server = tokio::spawn(async move {
-            let (seen, send) = next_request(&mut handle).await;
+            let (seen, reply) = api.next().await;
             assert_eq!(
-                (seen.method, seen.uri.as_str()),
-                (Method::GET, DEPLOY_SCALE)
+                (seen.method.as_str(), seen.uri.as_str()),
+                ("GET", DEPLOY_SCALE)
             );
-            respond(send, StatusCode::OK, &scale("shop", "echo", 4, "7"));
+            reply.json(200, &scale("shop", "echo", 4, "7"));
             // No further request: the client is dropped after `set`.
-            let next = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
-            assert!(
-                matches!(next, Ok(None)),
-                "no PATCH expected, got {:?}",
-                next.map(|r| r.map(|(req, _)| (req.method().clone(), req.uri().clone())))
-            );
+            api.closed(Duration::from_secs(1)).await;
         });
         let outcome = target.set(&w, 3, 4, "same").await.expect("set");
         assert_eq!(outcome, SetOutcome::Unchanged { replicas: 4 });
@@ -745,24 +682,20 @@ mod tests {
 
     #[tokio::test]
     async fn set_retries_a_conflict_after_rereading() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         let server = tokio::spawn(async move {
-            let (_, send) = next_request(&mut handle).await;
-            respond(send, StatusCode::OK, &scale("shop", "echo", 1, "7"));
-            let (_, send) = next_request(&mut handle).await;
-            respond(
-                send,
-                StatusCode::CONFLICT,
-                &status(409, "Conflict", "the object has been modified"),
-            );
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::GET, "re-read after 409");
-            respond(send, StatusCode::OK, &scale("shop", "echo", 2, "9"));
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::PATCH);
+            let (_, reply) = api.next().await;
+            reply.json(200, &scale("shop", "echo", 1, "7"));
+            let (_, reply) = api.next().await;
+            reply.status(409, "Conflict", "the object has been modified");
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "GET", "re-read after 409");
+            reply.json(200, &scale("shop", "echo", 2, "9"));
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "PATCH");
             assert_eq!(seen.body, json!({"spec": {"replicas": 5}}));
-            respond(send, StatusCode::OK, &scale("shop", "echo", 5, "10"));
+            reply.json(200, &scale("shop", "echo", 5, "10"));
         });
         let outcome = target.set(&w, 1, 5, "r").await.expect("set");
         assert_eq!(outcome, SetOutcome::Scaled { from: 2, to: 5 });
@@ -771,17 +704,13 @@ mod tests {
 
     #[tokio::test]
     async fn set_reports_a_forbidden_patch_without_retrying() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         let server = tokio::spawn(async move {
-            let (_, send) = next_request(&mut handle).await;
-            respond(send, StatusCode::OK, &scale("shop", "echo", 1, "7"));
-            let (_, send) = next_request(&mut handle).await;
-            respond(
-                send,
-                StatusCode::FORBIDDEN,
-                &status(403, "Forbidden", "cannot patch resource"),
-            );
+            let (_, reply) = api.next().await;
+            reply.json(200, &scale("shop", "echo", 1, "7"));
+            let (_, reply) = api.next().await;
+            reply.status(403, "Forbidden", "cannot patch resource");
         });
         let err = target.set(&w, 1, 5, "r").await.expect_err("forbidden");
         assert_eq!(err.metric_label(), "scale_forbidden");
@@ -795,17 +724,17 @@ mod tests {
 
     #[tokio::test]
     async fn wake_patch_carries_the_resource_version() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         let server = tokio::spawn(async move {
-            let (seen, send) = next_request(&mut handle).await;
+            let (seen, reply) = api.next().await;
             assert_eq!(
-                (seen.method, seen.uri.as_str()),
-                (Method::GET, DEPLOY_SCALE)
+                (seen.method.as_str(), seen.uri.as_str()),
+                ("GET", DEPLOY_SCALE)
             );
-            respond(send, StatusCode::OK, &scale("shop", "echo", 0, "123"));
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::PATCH);
+            reply.json(200, &scale("shop", "echo", 0, "123"));
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "PATCH");
             assert_eq!(seen.uri, format!("{DEPLOY_SCALE}?"));
             assert_eq!(
                 seen.content_type.as_deref(),
@@ -815,7 +744,7 @@ mod tests {
                 seen.body,
                 json!({"metadata": {"resourceVersion": "123"}, "spec": {"replicas": 1}})
             );
-            respond(send, StatusCode::OK, &scale("shop", "echo", 1, "124"));
+            reply.json(200, &scale("shop", "echo", 1, "124"));
         });
         let outcome = target.wake(&w, 1).await.expect("wake");
         assert_eq!(outcome, WakeOutcome::Woken { to: 1 });
@@ -824,20 +753,16 @@ mod tests {
 
     #[tokio::test]
     async fn wake_after_a_conflict_sees_the_workload_up() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let w = WorkloadRef::deployment("shop", "echo");
         let server = tokio::spawn(async move {
-            let (_, send) = next_request(&mut handle).await;
-            respond(send, StatusCode::OK, &scale("shop", "echo", 0, "5"));
-            let (_, send) = next_request(&mut handle).await;
-            respond(
-                send,
-                StatusCode::CONFLICT,
-                &status(409, "Conflict", "modified"),
-            );
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::GET);
-            respond(send, StatusCode::OK, &scale("shop", "echo", 1, "6"));
+            let (_, reply) = api.next().await;
+            reply.json(200, &scale("shop", "echo", 0, "5"));
+            let (_, reply) = api.next().await;
+            reply.status(409, "Conflict", "modified");
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "GET");
+            reply.json(200, &scale("shop", "echo", 1, "6"));
         });
         let outcome = target.wake(&w, 1).await.expect("wake");
         assert_eq!(outcome, WakeOutcome::AlreadyUp { replicas: 1 });
@@ -846,10 +771,10 @@ mod tests {
 
     #[tokio::test]
     async fn hpa_targets_lists_autoscaling_v2() {
-        let (target, mut handle) = mock_target();
+        let (target, mut api) = mock_target();
         let server = tokio::spawn(async move {
-            let (seen, send) = next_request(&mut handle).await;
-            assert_eq!(seen.method, Method::GET);
+            let (seen, reply) = api.next().await;
+            assert_eq!(seen.method, "GET");
             assert_eq!(
                 seen.uri,
                 "/apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers?"
@@ -859,9 +784,8 @@ mod tests {
                        "spec": {"scaleTargetRef": {"apiVersion": api, "kind": kind, "name": name},
                                 "maxReplicas": 3}})
             };
-            respond(
-                send,
-                StatusCode::OK,
+            reply.json(
+                200,
                 &json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscalerList",
                         "metadata": {"resourceVersion": "1"},
                         "items": [hpa("a", "Deployment", "apps/v1"),

@@ -1,76 +1,18 @@
-//! Exact-request checks against a `tower-test` mock API server: which paths
-//! discovery lists and watches, and what the Recorder writes.
+//! What discovery lists and watches, request by request ([`Scenario`]), and
+//! what the Recorder writes (against the API double, [`KubeApi`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use ebb_kube_double::{KubeApi, Match, Scenario};
 use ebb_model::Catalog;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
-use kube::client::Body;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+use kube::Api;
+use kube::api::DeleteParams;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tower_test::mock::{self, SendResponse};
 
 use crate::{Discovery, Recorder, first_catalog};
-
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
-
-fn mock_client() -> (Client, Handle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
-}
-
-/// One request as the API server saw it.
-#[derive(Debug)]
-struct Seen {
-    method: Method,
-    /// Path and query, exactly as sent.
-    uri: String,
-    content_type: Option<String>,
-    body: Value,
-}
-
-async fn next_request(handle: &mut Handle) -> (Seen, SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("timed out waiting for a request")
-        .expect("client dropped the service");
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect().await.expect("request body").to_bytes();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("request body is JSON")
-    };
-    let seen = Seen {
-        method: parts.method,
-        uri: parts
-            .uri
-            .path_and_query()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        content_type: parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        body,
-    };
-    (seen, send)
-}
-
-fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-    let bytes = serde_json::to_vec(body).expect("serialize response");
-    let response = Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Body::from(bytes))
-        .expect("response");
-    send.send_response(response);
-}
 
 fn deployment(ns: &str, name: &str, annotations: Value, ready: Option<i32>) -> Value {
     json!({
@@ -101,7 +43,7 @@ fn list(kind: &str, resource_version: &str, items: Vec<Value>) -> Value {
 #[tokio::test]
 async fn discovery_lists_watches_and_reports_bad_settings_once() {
     crate::install_crypto_provider();
-    let (client, mut handle) = mock_client();
+    let (client, mut api) = Scenario::client();
     let recorder = Recorder::with_instance(client.clone(), "ebb-test", "ebb-test-0");
     let (tx, mut rx) = watch::channel(Arc::new(Catalog::default()));
     let discovery = tokio::spawn(Discovery::new(client).recorder(recorder).run(tx));
@@ -110,8 +52,8 @@ async fn discovery_lists_watches_and_reports_bad_settings_once() {
     let mut watches = Vec::new();
     let mut event = None;
     while uris.len() < 5 {
-        let (seen, send) = next_request(&mut handle).await;
-        uris.push((seen.method.clone(), seen.uri.clone()));
+        let (seen, reply) = api.next().await;
+        uris.push((seen.method.to_string(), seen.uri.clone()));
         match (seen.method.as_str(), seen.uri.as_str()) {
             ("GET", "/apis/apps/v1/deployments?&limit=500") => {
                 let items = vec![
@@ -119,38 +61,37 @@ async fn discovery_lists_watches_and_reports_bad_settings_once() {
                     deployment("shop", "bad", json!({"ebb.io/max-replicas": "ten"}), None),
                     deployment("shop", "plain", json!({}), None),
                 ];
-                respond(send, StatusCode::OK, &list("DeploymentList", "10", items));
+                reply.json(200, &list("DeploymentList", "10", items));
             }
             ("GET", "/apis/apps/v1/statefulsets?&limit=500") => {
-                respond(send, StatusCode::OK, &list("StatefulSetList", "11", vec![]));
+                reply.json(200, &list("StatefulSetList", "11", vec![]));
             }
             ("POST", "/api/v1/namespaces/shop/events?") => {
                 assert_eq!(seen.content_type.as_deref(), Some("application/json"));
-                respond(send, StatusCode::CREATED, &seen.body);
+                reply.json(201, &seen.body);
                 event = Some(seen.body);
             }
             // Watches stay open (unanswered) for the rest of the test.
-            _ => watches.push(send),
+            _ => watches.push(reply),
         }
     }
     uris.sort();
     assert_eq!(
         uris,
         [
-            (Method::GET, "/apis/apps/v1/deployments?&limit=500".to_owned()),
+            ("GET", "/apis/apps/v1/deployments?&limit=500"),
             (
-                Method::GET,
+                "GET",
                 "/apis/apps/v1/deployments?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=10"
-                    .to_owned()
             ),
-            (Method::GET, "/apis/apps/v1/statefulsets?&limit=500".to_owned()),
+            ("GET", "/apis/apps/v1/statefulsets?&limit=500"),
             (
-                Method::GET,
+                "GET",
                 "/apis/apps/v1/statefulsets?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=11"
-                    .to_owned()
             ),
-            (Method::POST, "/api/v1/namespaces/shop/events?".to_owned()),
+            ("POST", "/api/v1/namespaces/shop/events?"),
         ]
+        .map(|(method, uri)| (method.to_owned(), uri.to_owned()))
     );
 
     let catalog = first_catalog(&mut rx).await.expect("a catalog");
@@ -187,18 +128,13 @@ async fn discovery_lists_watches_and_reports_bad_settings_once() {
     assert!(event["firstTimestamp"].is_string() && event["lastTimestamp"].is_string());
 
     // No further request: the error is not reported again, nothing re-lists.
-    let quiet = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
-    assert!(
-        quiet.is_err(),
-        "unexpected request: {:?}",
-        quiet.ok().flatten().map(|(r, _)| r.uri().clone())
-    );
+    api.quiet(Duration::from_millis(200)).await;
     discovery.abort();
 }
 
 #[tokio::test(start_paused = true)]
 async fn discovery_in_one_namespace_retries_a_failed_list() {
-    let (client, mut handle) = mock_client();
+    let (client, mut api) = Scenario::client();
     let (tx, mut rx) = watch::channel(Arc::new(Catalog::default()));
     let discovery = tokio::spawn(crate::discover(client, Some("shop".into()), tx, None));
 
@@ -206,17 +142,12 @@ async fn discovery_in_one_namespace_retries_a_failed_list() {
     let mut watches = Vec::new();
     let mut seen_watches = Vec::new();
     while seen_watches.len() < 2 {
-        let (seen, send) = next_request(&mut handle).await;
+        let (seen, reply) = api.next().await;
         match seen.uri.as_str() {
             "/apis/apps/v1/namespaces/shop/deployments?&limit=500" => {
                 deployment_lists += 1;
                 if deployment_lists == 1 {
-                    let status = json!({
-                        "kind": "Status", "apiVersion": "v1", "metadata": {},
-                        "status": "Failure", "message": "etcd is sad",
-                        "reason": "InternalError", "code": 500,
-                    });
-                    respond(send, StatusCode::INTERNAL_SERVER_ERROR, &status);
+                    reply.status(500, "InternalError", "etcd is sad");
                 } else {
                     let items = vec![deployment(
                         "shop",
@@ -224,15 +155,15 @@ async fn discovery_in_one_namespace_retries_a_failed_list() {
                         json!({"ebb.io/topics": "a"}),
                         None,
                     )];
-                    respond(send, StatusCode::OK, &list("DeploymentList", "3", items));
+                    reply.json(200, &list("DeploymentList", "3", items));
                 }
             }
             "/apis/apps/v1/namespaces/shop/statefulsets?&limit=500" => {
-                respond(send, StatusCode::OK, &list("StatefulSetList", "4", vec![]));
+                reply.json(200, &list("StatefulSetList", "4", vec![]));
             }
             uri => {
                 seen_watches.push(uri.to_owned());
-                watches.push(send);
+                watches.push(reply);
             }
         }
     }
@@ -251,126 +182,143 @@ async fn discovery_in_one_namespace_retries_a_failed_list() {
     discovery.abort();
 }
 
-#[tokio::test]
-async fn recorder_aggregates_repeats_and_writes_new_messages() {
-    let (client, mut handle) = mock_client();
-    let recorder = Recorder::with_instance(client, "ebb-autoscaler", "as-0");
-    let regarding = ObjectReference {
+fn echo() -> ObjectReference {
+    ObjectReference {
         api_version: Some("apps/v1".into()),
         kind: Some("Deployment".into()),
         namespace: Some("shop".into()),
         name: Some("echo".into()),
         uid: Some("u1".into()),
         ..ObjectReference::default()
-    };
+    }
+}
 
-    let publish = {
-        let (recorder, regarding) = (recorder.clone(), regarding.clone());
-        tokio::spawn(async move {
-            recorder.warning(&regarding, "ScaleFailed", "boom").await?;
-            recorder.warning(&regarding, "ScaleFailed", "boom").await?;
-            recorder.warning(&regarding, "ScaleFailed", "other").await?;
-            recorder
-                .normal(
-                    &ObjectReference {
-                        namespace: None,
-                        ..regarding
-                    },
-                    "Scaled",
-                    "up",
-                )
-                .await
+#[tokio::test]
+async fn recorder_aggregates_repeats_and_writes_new_messages() {
+    let api = KubeApi::start();
+    let recorder = Recorder::with_instance(api.client(), "ebb-autoscaler", "as-0");
+    recorder
+        .warning(&echo(), "ScaleFailed", "boom")
+        .await
+        .expect("first");
+    recorder
+        .warning(&echo(), "ScaleFailed", "boom")
+        .await
+        .expect("repeat");
+    recorder
+        .warning(&echo(), "ScaleFailed", "other")
+        .await
+        .expect("new message");
+    let cluster_scoped = ObjectReference {
+        namespace: None,
+        ..echo()
+    };
+    recorder
+        .normal(&cluster_scoped, "Scaled", "up")
+        .await
+        .expect("cluster-scoped object");
+
+    let events = api.events();
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let e = (&e.namespace, &e.type_, &e.reason, &e.message, e.count);
+            (e.0.as_str(), e.1.as_str(), e.2.as_str(), e.3.as_str(), e.4)
         })
-    };
-
-    let (first, send) = next_request(&mut handle).await;
+        .collect();
     assert_eq!(
-        (first.method.as_str(), first.uri.as_str()),
-        ("POST", "/api/v1/namespaces/shop/events?")
+        summary,
+        [
+            ("shop", "Warning", "ScaleFailed", "boom", 2),
+            ("shop", "Warning", "ScaleFailed", "other", 1),
+            ("default", "Normal", "Scaled", "up", 1),
+        ]
     );
-    assert_eq!(first.body["message"], "boom");
-    let name = first.body["metadata"]["name"]
-        .as_str()
-        .expect("name")
-        .to_owned();
-    respond(send, StatusCode::CREATED, &first.body);
-
-    let (repeat, send) = next_request(&mut handle).await;
-    assert_eq!(repeat.method, Method::PATCH);
+    let first = &events[0];
     assert_eq!(
-        repeat.uri,
-        format!("/api/v1/namespaces/shop/events/{name}?")
+        (first.object_kind.as_str(), first.object_name.as_str()),
+        ("Deployment", "echo")
     );
+    assert_eq!(first.reporter, "ebb-autoscaler");
+    assert_eq!(first.raw["reportingInstance"], "as-0");
+
+    // The repeat is a merge patch of the count and last timestamp only.
+    let requests = api.requests();
+    let writes: Vec<_> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str()))
+        .collect();
+    let first_path = format!("/api/v1/namespaces/shop/events/{}", first.name);
     assert_eq!(
-        repeat.content_type.as_deref(),
+        writes,
+        [
+            ("POST", "/api/v1/namespaces/shop/events"),
+            ("PATCH", first_path.as_str()),
+            ("POST", "/api/v1/namespaces/shop/events"),
+            ("POST", "/api/v1/namespaces/default/events"),
+        ]
+    );
+    let patch = &requests[1];
+    assert_eq!(
+        patch.content_type.as_deref(),
         Some("application/merge-patch+json")
     );
-    assert_eq!(repeat.body["count"], 2);
-    assert!(repeat.body["lastTimestamp"].is_string());
-    assert_eq!(
-        repeat.body.as_object().map(|o| o.len()),
-        Some(2),
-        "{}",
-        repeat.body
-    );
-    let mut patched = first.body.clone();
-    patched["count"] = json!(2);
-    respond(send, StatusCode::OK, &patched);
-
-    let (other, send) = next_request(&mut handle).await;
-    assert_eq!(
-        (other.method.as_str(), other.uri.as_str()),
-        ("POST", "/api/v1/namespaces/shop/events?")
-    );
-    assert_eq!(other.body["message"], "other");
-    assert_eq!(other.body["count"], 1);
-    respond(send, StatusCode::CREATED, &other.body);
-
-    let (cluster, send) = next_request(&mut handle).await;
-    assert_eq!(cluster.uri, "/api/v1/namespaces/default/events?");
-    assert_eq!(cluster.body["type"], "Normal");
-    respond(send, StatusCode::CREATED, &cluster.body);
-
-    publish.await.expect("task").expect("published");
+    let body = patch.json();
+    assert_eq!(body["count"], 2);
+    assert!(body["lastTimestamp"].is_string());
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
 }
 
 #[tokio::test]
 async fn recorder_rewrites_an_expired_event_and_surfaces_refusals() {
-    let (client, mut handle) = mock_client();
-    let recorder = Recorder::with_instance(client, "ebb-test", "t");
-    let regarding = ObjectReference {
-        kind: Some("Deployment".into()),
-        namespace: Some("shop".into()),
-        name: Some("echo".into()),
-        ..ObjectReference::default()
-    };
-    let publish = {
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            recorder.warning(&regarding, "R", "m").await?;
-            recorder.warning(&regarding, "R", "m").await?;
-            recorder.warning(&regarding, "Forbidden", "m").await
-        })
-    };
-    let (first, send) = next_request(&mut handle).await;
-    respond(send, StatusCode::CREATED, &first.body);
-    let (patch, send) = next_request(&mut handle).await;
-    assert_eq!(patch.method, Method::PATCH);
-    let not_found = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": "events \"x\" not found", "reason": "NotFound", "code": 404,
-    });
-    respond(send, StatusCode::NOT_FOUND, &not_found);
-    let (again, send) = next_request(&mut handle).await;
-    assert_eq!(again.method, Method::POST);
-    respond(send, StatusCode::CREATED, &again.body);
-    let (refused, send) = next_request(&mut handle).await;
-    assert_eq!(refused.method, Method::POST);
-    let forbidden = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": "events is forbidden", "reason": "Forbidden", "code": 403,
-    });
-    respond(send, StatusCode::FORBIDDEN, &forbidden);
-    let err = publish.await.expect("task").expect_err("403 surfaces");
+    let api = KubeApi::start();
+    let recorder = Recorder::with_instance(api.client(), "ebb-test", "t");
+    recorder.warning(&echo(), "R", "m").await.expect("first");
+
+    // The Event expires on the server: the repeat's patch is 404, so the
+    // Recorder writes a fresh one.
+    let expired = api.events()[0].name.clone();
+    let events: Api<CoreEvent> = Api::namespaced(api.client(), "shop");
+    events
+        .delete(&expired, &DeleteParams::default())
+        .await
+        .expect("delete");
+    api.clear_requests();
+    recorder
+        .warning(&echo(), "R", "m")
+        .await
+        .expect("rewritten");
+    let seen: Vec<_> = api
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "PATCH".to_owned(),
+                format!("/api/v1/namespaces/shop/events/{expired}")
+            ),
+            (
+                "POST".to_owned(),
+                "/api/v1/namespaces/shop/events".to_owned()
+            ),
+        ]
+    );
+    let written = api.events();
+    assert_eq!(written.len(), 1);
+    assert_ne!(written[0].name, expired);
+    assert_eq!(written[0].count, 1);
+
+    api.fail_next(
+        1,
+        403,
+        Match::path("/api/v1/namespaces/shop/events").method("POST"),
+    );
+    let err = recorder
+        .warning(&echo(), "Forbidden", "m")
+        .await
+        .expect_err("403 surfaces");
     assert_eq!(err.metric_label(), "kube_api");
 }

@@ -1054,11 +1054,8 @@ fn random_u32() -> u32 {
 mod tests {
     use super::*;
 
-    use http::{Method, Request, Response, StatusCode};
-    use http_body_util::BodyExt;
-    use kube::client::Body;
+    use ebb_kube_double::Scenario;
     use serde_json::{Value, json};
-    use tower_test::mock::{self, SendResponse};
 
     const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ebb/leases/cron";
 
@@ -1263,49 +1260,7 @@ mod tests {
         assert!(!book.effective().contains_key("j"));
     }
 
-    // --- exact requests, against a tower-test mock API server ---------------
-
-    type Handle = mock::Handle<Request<Body>, Response<Body>>;
-
-    struct Seen {
-        method: Method,
-        path: String,
-        body: Value,
-    }
-
-    async fn next_request(handle: &mut Handle) -> (Seen, SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .expect("timed out waiting for a request")
-            .expect("client dropped the service");
-        let (parts, body) = request.into_parts();
-        let bytes = body.collect().await.expect("request body").to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("request body is JSON")
-        };
-        let seen = Seen {
-            method: parts.method,
-            path: parts.uri.path().to_owned(),
-            body,
-        };
-        (seen, send)
-    }
-
-    fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-        let response = Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Body::from(serde_json::to_vec(body).expect("json")))
-            .expect("response");
-        send.send_response(response);
-    }
-
-    fn not_found() -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-               "reason": "NotFound", "code": 404, "message": "leases.coordination.k8s.io \"cron\" not found"})
-    }
+    // --- exact requests, answered one by one ([`Scenario`]) ----------------
 
     /// The body as stored, with a new resourceVersion.
     fn stored(mut body: Value, rv: &str) -> Value {
@@ -1321,11 +1276,10 @@ mod tests {
         LeaderHandle,
         CancellationToken,
         tokio::task::JoinHandle<()>,
-        Handle,
+        Scenario,
     ) {
         crate::install_crypto_provider();
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        let (client, api) = Scenario::client();
         let config = LeaseConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
@@ -1336,19 +1290,23 @@ mod tests {
         let leader = elector.handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(elector.run(shutdown.clone()));
-        (leader, shutdown, task, handle)
+        (leader, shutdown, task, api)
     }
 
     #[tokio::test]
     async fn creates_renews_with_annotations_and_releases() {
         let (leader, shutdown, task, mut api) = start(300);
 
-        let (seen, send) = next_request(&mut api).await;
+        let (seen, reply) = api.next().await;
         assert_eq!((seen.method.as_str(), seen.path.as_str()), ("GET", PATH));
-        respond(send, StatusCode::NOT_FOUND, &not_found());
+        reply.status(
+            404,
+            "NotFound",
+            "leases.coordination.k8s.io \"cron\" not found",
+        );
 
-        let (seen, send) = next_request(&mut api).await;
-        assert_eq!(seen.method, Method::POST);
+        let (seen, reply) = api.next().await;
+        assert_eq!(seen.method, "POST");
         assert_eq!(
             seen.path,
             "/apis/coordination.k8s.io/v1/namespaces/ebb/leases"
@@ -1366,7 +1324,7 @@ mod tests {
         assert!(is_micro_time(&spec["renewTime"]), "{spec}");
         assert_eq!(spec["acquireTime"], spec["renewTime"]);
         let mut current = stored(body, "10");
-        respond(send, StatusCode::CREATED, &current);
+        reply.json(201, &current);
 
         let mut is_leader = leader.leader();
         tokio::time::timeout(Duration::from_secs(5), is_leader.wait_for(|l| *l))
@@ -1382,7 +1340,7 @@ mod tests {
         assert_eq!(leader.annotations().len(), 2);
 
         // The renewal (early, to flush): a replace guarded by resourceVersion.
-        let (seen, send) = next_request(&mut api).await;
+        let (seen, reply) = api.next().await;
         assert_eq!((seen.method.as_str(), seen.path.as_str()), ("PUT", PATH));
         assert_eq!(seen.body["metadata"]["resourceVersion"], "10");
         assert_eq!(seen.body["spec"]["holderIdentity"], "pod-a");
@@ -1398,7 +1356,7 @@ mod tests {
                    "ebb.io/last-fired.shop.b": "2026-11-25T10:00:01Z"})
         );
         current = stored(seen.body, "11");
-        respond(send, StatusCode::OK, &current);
+        reply.json(200, &current);
         tokio::time::timeout(Duration::from_secs(5), async {
             while leader.pending_annotations() > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1412,7 +1370,7 @@ mod tests {
             .set_annotation("ebb.io/last-fired.shop.a", "2026-11-25T10:01:00Z")
             .expect("leader");
         shutdown.cancel();
-        let (seen, send) = next_request(&mut api).await;
+        let (seen, reply) = api.next().await;
         assert_eq!((seen.method.as_str(), seen.path.as_str()), ("PUT", PATH));
         assert!(
             !leader.is_leader(),
@@ -1428,7 +1386,7 @@ mod tests {
             seen.body["metadata"]["annotations"]["ebb.io/last-fired.shop.a"],
             "2026-11-25T10:01:00Z"
         );
-        respond(send, StatusCode::OK, &stored(seen.body, "12"));
+        reply.json(200, &stored(seen.body, "12"));
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("run ends after the release")
@@ -1453,18 +1411,18 @@ mod tests {
 
         // Held by another, and (as far as we have seen) alive: only reads.
         for _ in 0..3 {
-            let (seen, send) = next_request(&mut api).await;
+            let (seen, reply) = api.next().await;
             assert_eq!((seen.method.as_str(), seen.path.as_str()), ("GET", PATH));
-            respond(send, StatusCode::OK, &lease("pod-b", 3, "20"));
+            reply.json(200, &lease("pod-b", 3, "20"));
         }
         assert!(!leader.is_leader());
         assert_eq!(leader.state().borrow().holder.as_deref(), Some("pod-b"));
 
         // Released: taken over at once, counting a transition.
-        let (seen, send) = next_request(&mut api).await;
-        assert_eq!(seen.method, Method::GET);
-        respond(send, StatusCode::OK, &lease("", 3, "21"));
-        let (seen, send) = next_request(&mut api).await;
+        let (seen, reply) = api.next().await;
+        assert_eq!(seen.method, "GET");
+        reply.json(200, &lease("", 3, "21"));
+        let (seen, reply) = api.next().await;
         assert_eq!((seen.method.as_str(), seen.path.as_str()), ("PUT", PATH));
         let spec = &seen.body["spec"];
         assert_eq!(seen.body["metadata"]["resourceVersion"], "21");
@@ -1474,7 +1432,7 @@ mod tests {
         assert_ne!(spec["acquireTime"], "2026-11-25T09:00:00.000000Z");
         assert_eq!(spec["acquireTime"], spec["renewTime"]);
         assert!(is_micro_time(&spec["acquireTime"]));
-        respond(send, StatusCode::OK, &stored(seen.body, "22"));
+        reply.json(200, &stored(seen.body, "22"));
 
         let mut state = leader.state();
         let state = tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| s.is_leader))
