@@ -33,6 +33,7 @@ mod bench_dev;
 mod bench_kafka;
 mod bench_wake;
 mod brokers;
+mod connector_reload;
 mod cron_connector;
 mod cron_failover;
 mod deploy;

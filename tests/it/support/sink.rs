@@ -240,6 +240,11 @@ impl Sink {
         self.state.completed.load(Ordering::SeqCst)
     }
 
+    /// Calls being answered now.
+    pub fn inflight(&self) -> usize {
+        self.state.inflight.load(Ordering::SeqCst)
+    }
+
     /// The most calls ever held at once.
     pub fn max_concurrent(&self) -> usize {
         self.state.max_inflight.load(Ordering::SeqCst)

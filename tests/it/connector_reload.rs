@@ -9,22 +9,20 @@
 //! first attempt; the consumer was started once (and, on JetStream, is the
 //! same consumer; on RabbitMQ, nothing was redelivered).
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
+use crate::support::sink::{Reply, Sink};
+use crate::support::{
+    ChildGuard, KafkaMock, NatsServer, RabbitMq, Vhost, ebb_command, free_port, http, within,
+};
 use async_nats::jetstream;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
-use support::sink::{Reply, Sink};
-use support::{
-    ChildGuard, KafkaMock, NatsServer, RabbitMq, Vhost, ebb_command, free_port, http, within,
-};
 use tempfile::TempDir;
 
 const STEP: Duration = Duration::from_secs(10);
