@@ -322,3 +322,78 @@ async fn recorder_rewrites_an_expired_event_and_surfaces_refusals() {
         .expect_err("403 surfaces");
     assert_eq!(err.metric_label(), "kube_api");
 }
+
+/// Why ebb keeps its own [`Recorder`] rather than kube-runtime's
+/// `events::Recorder` (kube 5.0): that one keys a series by type, action,
+/// reason and object, not by the note, and its repeat re-sends the cached
+/// first Event. So within its 6 min window a new message about the same
+/// object only bumps the first Event's count, and `kubectl describe` keeps
+/// showing the old text: the mistake already fixed instead of the new one,
+/// "scaled from 0 to 8" after a scale to 3. And a series whose Event is gone
+/// (deleted, or expired by a short `--event-ttl`) fails until the series
+/// ages out instead of starting a new Event. If a kube upgrade fails this
+/// test, kube's Recorder may now serve (issue 12).
+#[tokio::test]
+async fn kube_runtime_recorder_hides_a_new_message_in_the_first_event() {
+    use k8s_openapi::api::events::v1::Event as SeriesEvent;
+    use kube::runtime::events::{Event, EventType, Recorder as KubeRecorder, Reporter};
+
+    let api = KubeApi::start();
+    let theirs = KubeRecorder::new(
+        api.client(),
+        Reporter {
+            controller: "ebb-autoscaler".into(),
+            instance: Some("as-0".into()),
+        },
+    );
+    let scaled = |note: &str| Event {
+        type_: EventType::Normal,
+        reason: "Scaled".into(),
+        note: Some(note.into()),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    for note in ["scaled from 0 to 8", "scaled from 8 to 3"] {
+        theirs
+            .publish(&scaled(note), &echo())
+            .await
+            .expect("publish");
+    }
+    let ours = Recorder::with_instance(api.client(), "ebb-autoscaler", "as-0");
+    for message in ["scaled from 0 to 8", "scaled from 8 to 3"] {
+        ours.normal(&echo(), "Scaled", message)
+            .await
+            .expect("publish");
+    }
+
+    let events = api.events();
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| (e.api_version.as_str(), e.message.as_str(), e.count))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            // kube-runtime: one Event, the second message lost.
+            ("events.k8s.io/v1", "scaled from 0 to 8", 2),
+            // ebb: each message its own Event.
+            ("v1", "scaled from 0 to 8", 1),
+            ("v1", "scaled from 8 to 3", 1),
+        ]
+    );
+
+    // Its Event is gone: the next repeat is refused, not written anew.
+    let series: Api<SeriesEvent> = Api::namespaced(api.client(), "shop");
+    series
+        .delete(&events[0].name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let err = theirs
+        .publish(&scaled("scaled from 0 to 8"), &echo())
+        .await
+        .expect_err("a patch of the deleted Event");
+    assert!(
+        matches!(&err, kube::Error::Api(status) if status.is_not_found()),
+        "{err}"
+    );
+}

@@ -6,6 +6,13 @@
 //! bumps `count` and `lastTimestamp` of the Event already written (a merge
 //! patch) instead of creating another object. A different message is a new
 //! Event.
+//!
+//! Not `kube::runtime::events::Recorder`: its series leave the message out of
+//! the key, so a new message within its window is lost in the first Event,
+//! and a series whose Event is gone is refused rather than written anew
+//! (`api_tests::kube_runtime_recorder_hides_a_new_message_in_the_first_event`).
+//! It also neither truncates (the API refuses a note over 1 KiB) nor bounds
+//! its cache by size.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
