@@ -122,7 +122,7 @@ async fn connect_once(url: &str, name: &str) -> Result<Connection, Error> {
         .with_client_property("connection_name".into(), LongString::from(name));
     Connection::connect_uri(uri, props)
         .await
-        .map_err(|e| Error::Broker(format!("connect to {}: {e}", redact_url(url))))
+        .map_err(|e| Error::broker(format!("connect to {}", redact_url(url)), e))
 }
 
 /// HTTP headers from an AMQP message's headers and properties. Strings and
@@ -270,7 +270,7 @@ fn settled(r: Result<bool, lapin::Error>) -> Result<(), Error> {
         Ok(false) => Err(Error::Ack(
             "the channel closed first; the broker delivers the message again".into(),
         )),
-        Err(e) => Err(Error::Ack(e.to_string())),
+        Err(e) => Err(Error::ack(e)),
     }
 }
 
@@ -314,10 +314,10 @@ impl DeadLetterSink for AmqpDeadLetters {
         body: Bytes,
     ) -> Result<(), Error> {
         let key = ShortString::try_new(destination)
-            .map_err(|e| Error::DeadLetter(format!("dead-letter topic {destination}: {e}")))?;
+            .map_err(|e| Error::dead_letter(format!("dead-letter topic {destination}"), e))?;
         publish_confirmed(&self.channel, &self.exchange, key, &headers, &body)
             .await
-            .map_err(|e| Error::DeadLetter(format!("publish to {destination}: {e}")))
+            .map_err(|e| Error::dead_letter(format!("publish to {destination}"), e))
     }
 }
 
@@ -426,7 +426,7 @@ async fn open_session(cfg: &AmqpConfig, exchange: &ShortString) -> Result<Sessio
     let setup = conn
         .create_channel()
         .await
-        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+        .map_err(|e| Error::broker("open a channel", e))?;
     setup
         .exchange_declare(
             exchange.clone(),
@@ -438,15 +438,15 @@ async fn open_session(cfg: &AmqpConfig, exchange: &ShortString) -> Result<Sessio
             FieldTable::default(),
         )
         .await
-        .map_err(|e| Error::Broker(format!("declare exchange {exchange}: {e}")))?;
+        .map_err(|e| Error::broker(format!("declare exchange {exchange}"), e))?;
     let publisher = conn
         .create_channel()
         .await
-        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+        .map_err(|e| Error::broker("open a channel", e))?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| Error::Broker(format!("publisher confirms: {e}")))?;
+        .map_err(|e| Error::broker("publisher confirms", e))?;
     Ok(Session {
         conn,
         setup,
@@ -507,7 +507,7 @@ impl AmqpSource {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| Error::Broker(format!("bind {topic} to {queue}: {e}")))
+                .map_err(|e| Error::broker(format!("bind {topic} to {queue}"), e))
         } else {
             s.setup
                 .queue_unbind(
@@ -517,7 +517,7 @@ impl AmqpSource {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| Error::Broker(format!("unbind {topic} from {queue}: {e}")))
+                .map_err(|e| Error::broker(format!("unbind {topic} from {queue}"), e))
         }
     }
 }
@@ -566,7 +566,7 @@ impl Source for AmqpSource {
                 .conn
                 .create_channel()
                 .await
-                .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+                .map_err(|e| Error::broker("open a channel", e))?;
         }
         // Dead letters are kept in a queue of their own even before anyone
         // subscribes to them.
@@ -581,7 +581,7 @@ impl Source for AmqpSource {
             let key = short("dead-letter topic", dest)?;
             declare_durable(&s.setup, &queue)
                 .await
-                .map_err(|e| Error::Broker(format!("declare dead-letter queue {queue}: {e}")))?;
+                .map_err(|e| Error::broker(format!("declare dead-letter queue {queue}"), e))?;
             s.setup
                 .queue_bind(
                     queue.clone(),
@@ -591,7 +591,7 @@ impl Source for AmqpSource {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| Error::Broker(format!("bind dead-letter queue {queue}: {e}")))?;
+                .map_err(|e| Error::broker(format!("bind dead-letter queue {queue}"), e))?;
             s.dead_queues.insert(dest.to_owned());
         }
         Ok(())
@@ -723,7 +723,7 @@ async fn start_consumer(
         .conn
         .create_channel()
         .await
-        .map_err(|e| Error::Broker(format!("open a channel for {key}: {e}")))?;
+        .map_err(|e| Error::broker(format!("open a channel for {key}"), e))?;
     if spec.queue.is_some() {
         // Consume an existing queue as it is: it must exist.
         channel
@@ -737,14 +737,15 @@ async fn start_consumer(
             )
             .await
             .map_err(|e| {
-                Error::Broker(format!(
-                    "queue {queue_name} of {key} (it must exist, as `queue` names it): {e}"
-                ))
+                Error::broker(
+                    format!("queue {queue_name} of {key} (it must exist, as `queue` names it)"),
+                    e,
+                )
             })?;
     } else {
         declare_durable(&channel, &queue)
             .await
-            .map_err(|e| Error::Broker(format!("declare queue {queue_name}: {e}")))?;
+            .map_err(|e| Error::broker(format!("declare queue {queue_name}"), e))?;
         for t in &spec.topics {
             let k = short("topic", &binding_key(t))?;
             channel
@@ -756,7 +757,7 @@ async fn start_consumer(
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| Error::Broker(format!("bind {t} to {queue_name}: {e}")))?;
+                .map_err(|e| Error::broker(format!("bind {t} to {queue_name}"), e))?;
         }
     }
     // Prefetch: what the function's slots take, and as many again
@@ -766,7 +767,7 @@ async fn start_consumer(
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
-        .map_err(|e| Error::Broker(format!("prefetch for {key}: {e}")))?;
+        .map_err(|e| Error::broker(format!("prefetch for {key}"), e))?;
     let tag = format!("ebb-{}", spec.durable_name());
     let consumer = channel
         .basic_consume(
@@ -776,7 +777,7 @@ async fn start_consumer(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| Error::Broker(format!("consume {queue_name} for {key}: {e}")))?;
+        .map_err(|e| Error::broker(format!("consume {queue_name} for {key}"), e))?;
     Ok((channel, consumer, tag, queue_name))
 }
 
@@ -873,11 +874,11 @@ pub async fn publish(
     let channel = conn
         .create_channel()
         .await
-        .map_err(|e| Error::Broker(format!("open a channel: {e}")))?;
+        .map_err(|e| Error::broker("open a channel", e))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| Error::Broker(format!("publisher confirms: {e}")))?;
+        .map_err(|e| Error::broker("publisher confirms", e))?;
     let r = publish_confirmed(&channel, &exchange, key, headers, &body).await;
     let _ = conn.close(200, "done".into()).await;
     r.map_err(|e| {
@@ -890,7 +891,7 @@ pub async fn publish(
                 "{e}; is a connector routing topic `{topic}`?"
             ))
         } else {
-            Error::Broker(format!("publish to {topic}: {e}"))
+            Error::broker(format!("publish to {topic}"), e)
         }
     })
 }

@@ -310,7 +310,7 @@ impl DeadLetterSink for KafkaDeadLetters {
             .send(record, Duration::from_secs(10))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| Error::DeadLetter(format!("produce to {destination}: {e}")))
+            .map_err(|(e, _)| Error::dead_letter(format!("produce to {destination}"), e))
     }
 }
 
@@ -396,7 +396,7 @@ fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
-        .map_err(|e| Error::Broker(format!("subscribe to {topics:?}: {e}")))?;
+        .map_err(|e| Error::broker(format!("subscribe to {topics:?}"), e))?;
     Ok(consumer)
 }
 
@@ -601,7 +601,7 @@ pub async fn publish(
     let delivery = producer
         .send(record, Duration::from_secs(10))
         .await
-        .map_err(|(e, _)| Error::Broker(format!("produce to {topic}: {e}")))?;
+        .map_err(|(e, _)| Error::broker(format!("produce to {topic}"), e))?;
     Ok((delivery.partition, delivery.offset))
 }
 

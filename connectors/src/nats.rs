@@ -163,7 +163,7 @@ async fn connect_once(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client
     }
     opts.connect(cfg.url.as_str())
         .await
-        .map_err(|e| Error::Broker(format!("cannot connect to {}: {e}", cfg.url)))
+        .map_err(|e| Error::broker(format!("cannot connect to {}", cfg.url), e))
 }
 
 /// Converts NATS headers to HTTP headers (names that are not valid HTTP
@@ -212,11 +212,12 @@ impl DeadLetterSink for NatsDeadLetters {
             .js
             .publish_with_headers(destination.to_string(), nats_headers(&headers), body)
             .await
-            .map_err(|e| Error::DeadLetter(format!("publish to {destination}: {e}")))?;
+            .map_err(|e| Error::dead_letter(format!("publish to {destination}"), e))?;
         ack.await.map_err(|e| {
-            Error::DeadLetter(format!(
-                "no stream stored the dead letter on {destination}: {e}"
-            ))
+            Error::dead_letter(
+                format!("no stream stored the dead letter on {destination}"),
+                e,
+            )
         })?;
         Ok(())
     }
@@ -248,31 +249,31 @@ impl Delivery for JsDelivery {
         // A plain ack: if it is lost (connection drop), the broker redelivers
         // after the ack wait and the function sees a repeat; nothing is lost.
         // A confirmed ack would cost a round trip per event.
-        self.msg.ack().await.map_err(|e| Error::Ack(e.to_string()))
+        self.msg.ack().await.map_err(Error::ack)
     }
     async fn retry_later(&mut self, delay: Duration) -> Result<(), Error> {
         self.msg
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| Error::Ack(e.to_string()))
+            .map_err(Error::ack)
     }
     async fn in_progress(&mut self) -> Result<(), Error> {
         self.msg
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| Error::Ack(e.to_string()))
+            .map_err(Error::ack)
     }
     async fn release(&mut self) -> Result<(), Error> {
         self.msg
             .ack_with(AckKind::Nak(None))
             .await
-            .map_err(|e| Error::Ack(e.to_string()))
+            .map_err(Error::ack)
     }
     async fn terminate(&mut self) -> Result<(), Error> {
         self.msg
             .double_ack_with(AckKind::Term)
             .await
-            .map_err(|e| Error::Ack(e.to_string()))
+            .map_err(Error::ack)
     }
 }
 
@@ -287,7 +288,7 @@ impl Reply for NatsReply {
         self.client
             .publish(self.subject, body)
             .await
-            .map_err(|e| Error::Broker(format!("reply: {e}")))
+            .map_err(|e| Error::broker("reply", e))
     }
 }
 
@@ -416,13 +417,13 @@ impl Source for NatsSource {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?;
+                .map_err(|e| Error::broker(format!("stream {}", cfg.stream), e))?;
             tracing::debug!(stream = %info.config.name, subjects = ?info.config.subjects, "stream ready");
             self.stream = Some(
                 conn.js
                     .get_stream(&cfg.stream)
                     .await
-                    .map_err(|e| Error::Broker(format!("stream {}: {e}", cfg.stream)))?,
+                    .map_err(|e| Error::broker(format!("stream {}", cfg.stream), e))?,
             );
         }
         if !dead.is_empty() {
@@ -436,9 +437,7 @@ impl Source for NatsSource {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| {
-                    Error::Broker(format!("dead-letter stream {}: {e}", cfg.dead_stream))
-                })?;
+                .map_err(|e| Error::broker(format!("dead-letter stream {}", cfg.dead_stream), e))?;
         }
         Ok(())
     }
@@ -453,7 +452,7 @@ impl Source for NatsSource {
                 let consumer = s
                     .create_consumer(self.consumer_config(&c.spec, c.limit.max()))
                     .await
-                    .map_err(|e| Error::Broker(format!("consumer for {}: {e}", c.key())))?;
+                    .map_err(|e| Error::broker(format!("consumer for {}", c.key()), e))?;
                 let (stream_name, ack_wait) = (self.cfg.stream.clone(), self.cfg.ack_wait);
                 Ok(Box::pin(async move {
                     consume_js(consumer, c, sink, stream_name, ack_wait).await;
@@ -468,7 +467,7 @@ impl Source for NatsSource {
                             .queue_subscribe(t.clone(), c.spec.durable_name())
                             .await
                             .map_err(|e| {
-                                Error::Broker(format!("subscribe {t} for {}: {e}", c.key()))
+                                Error::broker(format!("subscribe {t} for {}", c.key()), e)
                             })?,
                     );
                 }
@@ -491,12 +490,12 @@ impl Source for NatsSource {
         let mut info = s
             .consumer_info(&name)
             .await
-            .map_err(|e| Error::Broker(format!("consumer {name}: {e}")))?;
+            .map_err(|e| Error::broker(format!("consumer {name}"), e))?;
         info.config.filter_subjects = new.topics.clone();
         info.config.filter_subject = String::new();
         s.update_consumer(info.config)
             .await
-            .map_err(|e| Error::Broker(format!("change the topics of consumer {name}: {e}")))?;
+            .map_err(|e| Error::broker(format!("change the topics of consumer {name}"), e))?;
         Ok(true)
     }
 
@@ -515,7 +514,7 @@ impl Source for NatsSource {
         // consumer would pin them in the stream forever.
         s.delete_consumer(&old.durable_name())
             .await
-            .map_err(|e| Error::Broker(format!("delete consumer {}: {e}", old.durable_name())))?;
+            .map_err(|e| Error::broker(format!("delete consumer {}", old.durable_name()), e))?;
         Ok(())
     }
 
@@ -667,18 +666,18 @@ pub async fn publish(
         client
             .publish_with_headers(topic.to_string(), nats_headers(headers), body)
             .await
-            .map_err(|e| Error::Broker(format!("publish to {topic}: {e}")))?;
+            .map_err(|e| Error::broker(format!("publish to {topic}"), e))?;
         client
             .flush()
             .await
-            .map_err(|e| Error::Broker(format!("flush: {e}")))?;
+            .map_err(|e| Error::broker("flush", e))?;
         return Ok(None);
     }
     let js = jetstream::new(client.clone());
     let ack = js
         .publish_with_headers(topic.to_string(), nats_headers(headers), body)
         .await
-        .map_err(|e| Error::Broker(format!("publish to {topic}: {e}")))?
+        .map_err(|e| Error::broker(format!("publish to {topic}"), e))?
         .await
         .map_err(|e| {
             Error::Broker(format!(
