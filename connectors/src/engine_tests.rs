@@ -237,12 +237,7 @@ impl Sink {
 }
 
 impl DeadLetterSink for Sink {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), Error> {
+    async fn publish(&self, topic: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
         let fail = self
             .fail_first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -252,7 +247,7 @@ impl DeadLetterSink for Sink {
             return Err(Error::DeadLetter("the broker is down".into()));
         }
         self.stored().push(Published {
-            destination: destination.to_string(),
+            destination: topic.to_string(),
             headers,
             body,
         });
