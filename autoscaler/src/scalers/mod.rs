@@ -59,6 +59,9 @@ pub enum Role {
     InFlight,
 }
 
+/// What [`Scaler::read`] answers.
+pub type ReadFuture<'a> = BoxFuture<'a, Result<Reading, ReadError>>;
+
 /// Why an input could not be read: the policy holds the current count.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -108,11 +111,7 @@ pub trait Scaler<W>: Send + Sync {
 
     /// Reads the input of `f`, whose workload is `w`, within the scaler's
     /// timeout.
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        w: &'a W,
-    ) -> BoxFuture<'a, Result<Reading, ReadError>>;
+    fn read<'a>(&'a self, f: &'a FunctionSpec, w: &'a W) -> ReadFuture<'a>;
 
     /// After each poll: forgets what the scaler keeps for functions other
     /// than `live` (each with its workload, if it has one).
@@ -154,11 +153,7 @@ impl<W: Sync, Q: QueueScaler> Scaler<W> for Q {
         !f.topics.is_empty()
     }
 
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a W,
-    ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+    fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a W) -> ReadFuture<'a> {
         Box::pin(self.read_backlog(f))
     }
 
