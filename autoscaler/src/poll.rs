@@ -386,11 +386,9 @@ impl<W: Send + Sync> Poller<W> {
 mod tests {
     use std::time::Duration;
 
-    use futures::future::BoxFuture;
-
     use super::*;
     use crate::policy::Reason;
-    use crate::scalers::{ReadError, Reading};
+    use crate::scalers::{ReadError, ReadFuture, Reading};
     use crate::target::ReplicaCounts;
 
     /// The next reading of a [`Fixed`] input (`Err`: unknown).
@@ -428,11 +426,7 @@ mod tests {
             self.role == Role::InFlight || !f.topics.is_empty()
         }
 
-        fn read<'a>(
-            &'a self,
-            _: &'a FunctionSpec,
-            _: &'a (),
-        ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+        fn read<'a>(&'a self, _: &'a FunctionSpec, _: &'a ()) -> ReadFuture<'a> {
             let next = *self.next.lock().unwrap();
             Box::pin(async move {
                 next.map_err(|message| ReadError::Other {

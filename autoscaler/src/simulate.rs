@@ -867,6 +867,22 @@ mod tests {
         }
     }
 
+    /// The default settings with `tail` seconds after the trace.
+    fn with_tail(tail: u64) -> SimConfig {
+        SimConfig {
+            tail,
+            ..SimConfig::default()
+        }
+    }
+
+    /// Arrivals a second: each `(rate, seconds)` in turn.
+    fn steps(parts: &[(u32, usize)]) -> Vec<u32> {
+        parts
+            .iter()
+            .flat_map(|&(rate, n)| [rate].repeat(n))
+            .collect()
+    }
+
     /// Holds a fixed count.
     struct Fixed(u32);
     impl Autoscaler for Fixed {
@@ -891,10 +907,7 @@ mod tests {
     #[test]
     fn simulate_queue_at_capacity_keeps_waits_bounded() {
         // 4 replicas × 10/s against 40/s for 10 minutes.
-        let cfg = SimConfig {
-            tail: 0,
-            ..SimConfig::default()
-        };
+        let cfg = with_tail(0);
         let o = run(&trace(vec![40; 600]), &cfg, &mut Fixed(4));
         // Ready after the 2 s cold start; the 80 early messages then drain
         // only at the rate they keep arriving, so waits stay at ~2 s.
@@ -909,10 +922,7 @@ mod tests {
 
     #[test]
     fn simulate_overload_grows_waits() {
-        let cfg = SimConfig {
-            tail: 0,
-            ..SimConfig::default()
-        };
+        let cfg = with_tail(0);
         let o = run(&trace(vec![50; 100]), &cfg, &mut Fixed(4));
         assert!(o.wait_max > 20.0, "max wait {}", o.wait_max);
     }
@@ -963,17 +973,12 @@ mod tests {
     fn simulate_kpa_panic() {
         let cfg = SimConfig::default();
         let mut k = Kpa::new(&cfg);
+        let want = |desired, panicking| KpaWant { desired, panicking };
         // 10 ready pods at their target of 10 each: stable.
         for _ in 0..60 {
             k.samples.push_back(100.0);
         }
-        assert_eq!(
-            k.tick(0, 10),
-            KpaWant {
-                desired: 10,
-                panicking: false
-            }
-        );
+        assert_eq!(k.tick(0, 10), want(10, false));
         // The 6 s window jumps to 20× target: panic, want 20 (≥ 200 %).
         for _ in 0..6 {
             k.samples.push_back(200.0);
@@ -981,33 +986,15 @@ mod tests {
         while k.samples.len() > 60 {
             k.samples.pop_front();
         }
-        assert_eq!(
-            k.tick(2, 10),
-            KpaWant {
-                desired: 20,
-                panicking: true
-            }
-        );
+        assert_eq!(k.tick(2, 10), want(20, true));
         // Load gone: in panic it never scales down…
         for _ in 0..60 {
             k.samples.push_back(0.0);
             k.samples.pop_front();
         }
-        assert_eq!(
-            k.tick(30, 20),
-            KpaWant {
-                desired: 20,
-                panicking: true
-            }
-        );
+        assert_eq!(k.tick(30, 20), want(20, true));
         // …until 60 s pass without the threshold; then at most halving.
-        assert_eq!(
-            k.tick(62, 20),
-            KpaWant {
-                desired: 10,
-                panicking: false
-            }
-        );
+        assert_eq!(k.tick(62, 20), want(10, false));
         // 190 % is not panic.
         let mut k = Kpa::new(&cfg);
         for _ in 0..60 {
@@ -1019,13 +1006,8 @@ mod tests {
 
     #[test]
     fn simulate_ebb_scales_to_zero_on_an_idle_tail() {
-        let cfg = SimConfig {
-            tail: 300,
-            ..SimConfig::default()
-        };
-        let mut arrivals = vec![0; 30];
-        arrivals.extend([40; 60]);
-        let tr = trace(arrivals);
+        let cfg = with_tail(300);
+        let tr = trace(steps(&[(0, 30), (40, 60)]));
         let o = run(&tr, &cfg, &mut Ebb::new(&cfg));
         assert_eq!(o.replicas[..30], [0; 30]);
         assert!(o.replicas[30] >= 1, "woken at the first arrival");
@@ -1156,14 +1138,8 @@ mod tests {
 
     #[test]
     fn simulate_svg_is_well_formed() {
-        let cfg = SimConfig {
-            tail: 120,
-            ..SimConfig::default()
-        };
-        let mut arrivals = vec![0; 5];
-        arrivals.extend([40; 20]);
-        arrivals.extend([0; 10]);
-        arrivals.extend([200; 3]);
+        let cfg = with_tail(120);
+        let arrivals = steps(&[(0, 5), (40, 20), (0, 10), (200, 3)]);
         let tr = Trace {
             name: "a <b> & c".into(),
             arrivals,

@@ -602,29 +602,85 @@ mod tests {
         (target, api)
     }
 
-    fn scale(ns: &str, name: &str, replicas: i32, rv: &str) -> Value {
+    /// Runs `script` as the API server while `call` uses the target; the
+    /// target is dropped before the server is awaited.
+    async fn scripted<S, T>(
+        script: impl FnOnce(Scenario) -> S,
+        call: impl AsyncFnOnce(&KubeTarget) -> T,
+    ) -> T
+    where
+        S: Future<Output = ()> + Send + 'static,
+    {
+        let (target, api) = mock_target();
+        let server = tokio::spawn(script(api));
+        let out = call(&target).await;
+        drop(target);
+        server.await.expect("server");
+        out
+    }
+
+    fn scale(replicas: i32, rv: &str) -> Value {
         json!({
             "apiVersion": "autoscaling/v1", "kind": "Scale",
-            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "uid": "u-1"},
+            "metadata": {"name": "echo", "namespace": "shop", "resourceVersion": rv, "uid": "u-1"},
             "spec": {"replicas": replicas},
             "status": {"replicas": replicas},
         })
     }
 
+    /// The next request is a GET of `path`: answers `replicas` at `rv`.
+    async fn get_scale(api: &mut Scenario, path: &str, replicas: i32, rv: &str) {
+        let (seen, reply) = api.next().await;
+        assert_eq!((seen.method.as_str(), seen.uri.as_str()), ("GET", path));
+        reply.json(200, &scale(replicas, rv));
+    }
+
+    /// The next request is a merge PATCH of `path` with `body`: answers
+    /// `replicas` at `rv`.
+    async fn merge_patch(api: &mut Scenario, path: &str, body: Value, replicas: i32, rv: &str) {
+        let (seen, reply) = api.next().await;
+        assert_eq!(seen.method, "PATCH");
+        assert_eq!(seen.uri, format!("{path}?"));
+        assert_eq!(
+            seen.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(seen.body, body);
+        reply.json(200, &scale(replicas, rv));
+    }
+
+    /// Answers the next request, whatever it is, with `replicas` at `rv`.
+    async fn any_scale(api: &mut Scenario, replicas: i32, rv: &str) {
+        let (_, reply) = api.next().await;
+        reply.json(200, &scale(replicas, rv));
+    }
+
+    /// Answers a read with `before`, the next request with a conflict,
+    /// then the re-read that must follow with `after` (replicas, version).
+    async fn conflict_then_reread(api: &mut Scenario, before: (i32, &str), after: (i32, &str)) {
+        any_scale(api, before.0, before.1).await;
+        let (_, reply) = api.next().await;
+        reply.status(409, "Conflict", "the object has been modified");
+        let (seen, reply) = api.next().await;
+        assert_eq!(seen.method, "GET", "re-read after 409");
+        reply.json(200, &scale(after.0, after.1));
+    }
+
     const DEPLOY_SCALE: &str = "/apis/apps/v1/namespaces/shop/deployments/echo/scale";
+
+    fn deployment() -> WorkloadRef {
+        WorkloadRef::deployment("shop", "echo")
+    }
 
     #[tokio::test]
     async fn get_reads_the_scale_subresource() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
+        let w = deployment();
         assert_eq!(w.scale_path(), DEPLOY_SCALE);
-        let server = tokio::spawn(async move {
-            let (seen, reply) = api.next().await;
-            assert_eq!(seen.method, "GET");
-            assert_eq!(seen.uri, DEPLOY_SCALE);
-            reply.json(200, &scale("shop", "echo", 3, "42"));
-        });
-        let got = target.get(&w).await.expect("get");
+        let got = scripted(
+            async |mut api| get_scale(&mut api, DEPLOY_SCALE, 3, "42").await,
+            async |t| t.get(&w).await.expect("get"),
+        )
+        .await;
         assert_eq!(
             got,
             Scale {
@@ -633,146 +689,94 @@ mod tests {
                 uid: Some("u-1".into())
             }
         );
-        server.await.expect("server");
     }
 
     #[tokio::test]
     async fn set_merge_patches_spec_replicas() {
-        let (target, mut api) = mock_target();
         let w = WorkloadRef::statefulset("shop", "echo");
         let path = "/apis/apps/v1/namespaces/shop/statefulsets/echo/scale";
-        let server = tokio::spawn(async move {
-            let (seen, reply) = api.next().await;
-            assert_eq!((seen.method.as_str(), seen.uri.as_str()), ("GET", path));
-            reply.json(200, &scale("shop", "echo", 0, "7"));
-            let (seen, reply) = api.next().await;
-            assert_eq!(seen.method, "PATCH");
-            assert_eq!(seen.uri, format!("{path}?"));
-            assert_eq!(
-                seen.content_type.as_deref(),
-                Some("application/merge-patch+json")
-            );
-            assert_eq!(seen.body, json!({"spec": {"replicas": 8}}));
-            reply.json(200, &scale("shop", "echo", 8, "8"));
-        });
-        let outcome = target.set(&w, 0, 8, "backlog 80").await.expect("set");
-        assert_eq!(outcome, SetOutcome::Scaled { from: 0, to: 8 });
-        server.await.expect("server");
+        let script = async move |mut api| {
+            get_scale(&mut api, path, 0, "7").await;
+            let body = json!({"spec": {"replicas": 8}});
+            merge_patch(&mut api, path, body, 8, "8").await;
+        };
+        let outcome = scripted(script, async |t| t.set(&w, 0, 8, "backlog 80").await).await;
+        assert_eq!(outcome.expect("set"), SetOutcome::Scaled { from: 0, to: 8 });
     }
 
     #[tokio::test]
     async fn set_does_not_patch_an_unchanged_count() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
-        let server = tokio::spawn(async move {
-            let (seen, reply) = api.next().await;
-            assert_eq!(
-                (seen.method.as_str(), seen.uri.as_str()),
-                ("GET", DEPLOY_SCALE)
-            );
-            reply.json(200, &scale("shop", "echo", 4, "7"));
+        let w = deployment();
+        let script = async |mut api| {
+            get_scale(&mut api, DEPLOY_SCALE, 4, "7").await;
             // No further request: the client is dropped after `set`.
             api.closed(Duration::from_secs(1)).await;
-        });
-        let outcome = target.set(&w, 3, 4, "same").await.expect("set");
-        assert_eq!(outcome, SetOutcome::Unchanged { replicas: 4 });
-        drop(target);
-        server.await.expect("server");
+        };
+        let outcome = scripted(script, async |t| t.set(&w, 3, 4, "same").await).await;
+        assert_eq!(outcome.expect("set"), SetOutcome::Unchanged { replicas: 4 });
     }
 
     #[tokio::test]
     async fn set_retries_a_conflict_after_rereading() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
-        let server = tokio::spawn(async move {
-            let (_, reply) = api.next().await;
-            reply.json(200, &scale("shop", "echo", 1, "7"));
-            let (_, reply) = api.next().await;
-            reply.status(409, "Conflict", "the object has been modified");
-            let (seen, reply) = api.next().await;
-            assert_eq!(seen.method, "GET", "re-read after 409");
-            reply.json(200, &scale("shop", "echo", 2, "9"));
+        let w = deployment();
+        let script = async |mut api| {
+            conflict_then_reread(&mut api, (1, "7"), (2, "9")).await;
             let (seen, reply) = api.next().await;
             assert_eq!(seen.method, "PATCH");
             assert_eq!(seen.body, json!({"spec": {"replicas": 5}}));
-            reply.json(200, &scale("shop", "echo", 5, "10"));
-        });
-        let outcome = target.set(&w, 1, 5, "r").await.expect("set");
-        assert_eq!(outcome, SetOutcome::Scaled { from: 2, to: 5 });
-        server.await.expect("server");
+            reply.json(200, &scale(5, "10"));
+        };
+        let outcome = scripted(script, async |t| t.set(&w, 1, 5, "r").await).await;
+        assert_eq!(outcome.expect("set"), SetOutcome::Scaled { from: 2, to: 5 });
     }
 
     #[tokio::test]
     async fn set_reports_a_forbidden_patch_without_retrying() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
-        let server = tokio::spawn(async move {
-            let (_, reply) = api.next().await;
-            reply.json(200, &scale("shop", "echo", 1, "7"));
+        let w = deployment();
+        let script = async |mut api| {
+            any_scale(&mut api, 1, "7").await;
             let (_, reply) = api.next().await;
             reply.status(403, "Forbidden", "cannot patch resource");
-        });
-        let err = target.set(&w, 1, 5, "r").await.expect_err("forbidden");
+        };
+        let err = scripted(script, async |t| t.set(&w, 1, 5, "r").await)
+            .await
+            .expect_err("forbidden");
         assert_eq!(err.metric_label(), "scale_forbidden");
         let text = err.to_string();
         assert!(
             text.contains("`patch` on `deployments/scale` in API group `apps`"),
             "{text}"
         );
-        server.await.expect("server");
     }
 
     #[tokio::test]
     async fn wake_patch_carries_the_resource_version() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
-        let server = tokio::spawn(async move {
-            let (seen, reply) = api.next().await;
-            assert_eq!(
-                (seen.method.as_str(), seen.uri.as_str()),
-                ("GET", DEPLOY_SCALE)
-            );
-            reply.json(200, &scale("shop", "echo", 0, "123"));
-            let (seen, reply) = api.next().await;
-            assert_eq!(seen.method, "PATCH");
-            assert_eq!(seen.uri, format!("{DEPLOY_SCALE}?"));
-            assert_eq!(
-                seen.content_type.as_deref(),
-                Some("application/merge-patch+json")
-            );
-            assert_eq!(
-                seen.body,
-                json!({"metadata": {"resourceVersion": "123"}, "spec": {"replicas": 1}})
-            );
-            reply.json(200, &scale("shop", "echo", 1, "124"));
-        });
-        let outcome = target.wake(&w, 1).await.expect("wake");
-        assert_eq!(outcome, WakeOutcome::Woken { to: 1 });
-        server.await.expect("server");
+        let w = deployment();
+        let script = async |mut api| {
+            get_scale(&mut api, DEPLOY_SCALE, 0, "123").await;
+            let body = json!({"metadata": {"resourceVersion": "123"}, "spec": {"replicas": 1}});
+            merge_patch(&mut api, DEPLOY_SCALE, body, 1, "124").await;
+        };
+        let outcome = scripted(script, async |t| t.wake(&w, 1).await).await;
+        assert_eq!(outcome.expect("wake"), WakeOutcome::Woken { to: 1 });
     }
 
     #[tokio::test]
     async fn wake_after_a_conflict_sees_the_workload_up() {
-        let (target, mut api) = mock_target();
-        let w = WorkloadRef::deployment("shop", "echo");
-        let server = tokio::spawn(async move {
-            let (_, reply) = api.next().await;
-            reply.json(200, &scale("shop", "echo", 0, "5"));
-            let (_, reply) = api.next().await;
-            reply.status(409, "Conflict", "modified");
-            let (seen, reply) = api.next().await;
-            assert_eq!(seen.method, "GET");
-            reply.json(200, &scale("shop", "echo", 1, "6"));
-        });
-        let outcome = target.wake(&w, 1).await.expect("wake");
-        assert_eq!(outcome, WakeOutcome::AlreadyUp { replicas: 1 });
-        server.await.expect("server");
+        let w = deployment();
+        let script = async |mut api| {
+            conflict_then_reread(&mut api, (0, "5"), (1, "6")).await;
+        };
+        let outcome = scripted(script, async |t| t.wake(&w, 1).await).await;
+        assert_eq!(
+            outcome.expect("wake"),
+            WakeOutcome::AlreadyUp { replicas: 1 }
+        );
     }
 
     #[tokio::test]
     async fn hpa_targets_lists_autoscaling_v2() {
-        let (target, mut api) = mock_target();
-        let server = tokio::spawn(async move {
+        let script = async |mut api: Scenario| {
             let (seen, reply) = api.next().await;
             assert_eq!(seen.method, "GET");
             assert_eq!(
@@ -792,15 +796,15 @@ mod tests {
                                   hpa("b", "StatefulSet", "apps/v1"),
                                   hpa("c", "Rollout", "argoproj.io/v1alpha1")]}),
             );
-        });
-        let targets = target.hpa_targets("shop").await.expect("list");
+        };
+        let targets = scripted(script, async |t| t.hpa_targets("shop").await).await;
+        let targets = targets.expect("list");
         let want: HashSet<_> = [
             (WorkloadKind::Deployment, "a".to_owned()),
             (WorkloadKind::StatefulSet, "b".to_owned()),
         ]
         .into();
         assert_eq!(targets, want);
-        server.await.expect("server");
     }
 
     #[test]

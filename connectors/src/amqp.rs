@@ -307,17 +307,12 @@ pub struct AmqpDeadLetters {
 }
 
 impl DeadLetterSink for AmqpDeadLetters {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), Error> {
-        let key = ShortString::try_new(destination)
-            .map_err(|e| Error::dead_letter(format!("dead-letter topic {destination}"), e))?;
+    async fn publish(&self, topic: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
+        let key = ShortString::try_new(topic)
+            .map_err(|e| Error::dead_letter(format!("dead-letter topic {topic}"), e))?;
         publish_confirmed(&self.channel, &self.exchange, key, &headers, &body)
             .await
-            .map_err(|e| Error::dead_letter(format!("publish to {destination}"), e))
+            .map_err(|e| Error::dead_letter(format!("publish to {topic}"), e))
     }
 }
 

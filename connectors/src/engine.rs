@@ -144,10 +144,10 @@ impl<R: Reply> Delivery for InProcess<R> {
 
 /// Where a source publishes dead letters.
 pub trait DeadLetterSink: Send + Sync {
-    /// Publishes durably; `Ok` only once the broker has the message.
+    /// Publishes durably to `topic`; `Ok` only once the broker has the message.
     fn publish(
         &self,
-        destination: &str,
+        topic: &str,
         headers: HeaderMap,
         body: Bytes,
     ) -> impl Future<Output = Result<(), Error>> + Send;
@@ -163,9 +163,9 @@ pub trait DeadLetterSink: Send + Sync {
 pub struct NoDeadLetters;
 
 impl DeadLetterSink for NoDeadLetters {
-    async fn publish(&self, destination: &str, _: HeaderMap, _: Bytes) -> Result<(), Error> {
+    async fn publish(&self, topic: &str, _: HeaderMap, _: Bytes) -> Result<(), Error> {
         Err(Error::DeadLetter(format!(
-            "this source cannot publish dead letters (to {destination})"
+            "this source cannot publish dead letters (to {topic})"
         )))
     }
     fn can_retry(&self) -> bool {

@@ -237,12 +237,7 @@ impl Sink {
 }
 
 impl DeadLetterSink for Sink {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), Error> {
+    async fn publish(&self, topic: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
         let fail = self
             .fail_first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -252,7 +247,7 @@ impl DeadLetterSink for Sink {
             return Err(Error::DeadLetter("the broker is down".into()));
         }
         self.stored().push(Published {
-            destination: destination.to_string(),
+            destination: topic.to_string(),
             headers,
             body,
         });
@@ -491,6 +486,17 @@ fn setup_replicas(
     let mut f = spec("http://127.0.0.1:9/");
     f.url = None;
     setup(f, config, autoscaler)
+}
+
+/// A function that answers 200 but has no ready replica yet, behind an
+/// autoscaler: where the held tests start. Answers the engine, the sink,
+/// the replicas, the function's URL and the autoscaler.
+async fn held(tl: &Timeline) -> (Setup, Sink, Arc<Replicas>, String, Autoscaler) {
+    let (autoscaler, autoscaler_url) = Autoscaler::start(tl).await;
+    let url = function(tl, vec![answer(200)]).await;
+    let replicas = Arc::new(Replicas::default());
+    let s = setup_replicas(config(), &replicas, Some(autoscaler_url));
+    (s, Sink::new(tl), replicas, url, autoscaler)
 }
 
 impl Setup {
@@ -757,11 +763,7 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 #[tokio::test(start_paused = true)]
 async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_is_ready() {
     let tl = Timeline::new();
-    let (autoscaler, autoscaler_url) = Autoscaler::start(&tl).await;
-    let url = function(&tl, vec![answer(200)]).await;
-    let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
 
     tokio::join!(s.deliver(Fake::new(&tl).redelivering(), &sink), async {
         tokio::time::sleep(secs(3)).await;
@@ -799,11 +801,7 @@ async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_
 #[tokio::test(start_paused = true)]
 async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second() {
     let tl = Timeline::new();
-    let (autoscaler, autoscaler_url) = Autoscaler::start(&tl).await;
-    let url = function(&tl, vec![answer(200)]).await;
-    let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
 
     // At zero: woken; a replica comes up at 0.5 s and takes the event.
     tokio::join!(s.deliver(Fake::new(&tl), &sink), async {

@@ -296,21 +296,16 @@ pub struct KafkaDeadLetters {
 }
 
 impl DeadLetterSink for KafkaDeadLetters {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), Error> {
-        validate_topic(destination).map_err(Error::DeadLetter)?;
-        let record = FutureRecord::<(), _>::to(destination)
+    async fn publish(&self, topic: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
+        validate_topic(topic).map_err(Error::DeadLetter)?;
+        let record = FutureRecord::<(), _>::to(topic)
             .payload(body.as_ref())
             .headers(kafka_headers(&headers));
         self.producer
             .send(record, Duration::from_secs(10))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| Error::dead_letter(format!("produce to {destination}"), e))
+            .map_err(|(e, _)| Error::dead_letter(format!("produce to {topic}"), e))
     }
 }
 

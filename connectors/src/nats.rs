@@ -202,22 +202,14 @@ pub struct NatsDeadLetters {
 }
 
 impl DeadLetterSink for NatsDeadLetters {
-    async fn publish(
-        &self,
-        destination: &str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), Error> {
+    async fn publish(&self, topic: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
         let ack = self
             .js
-            .publish_with_headers(destination.to_string(), nats_headers(&headers), body)
+            .publish_with_headers(topic.to_string(), nats_headers(&headers), body)
             .await
-            .map_err(|e| Error::dead_letter(format!("publish to {destination}"), e))?;
+            .map_err(|e| Error::dead_letter(format!("publish to {topic}"), e))?;
         ack.await.map_err(|e| {
-            Error::dead_letter(
-                format!("no stream stored the dead letter on {destination}"),
-                e,
-            )
+            Error::dead_letter(format!("no stream stored the dead letter on {topic}"), e)
         })?;
         Ok(())
     }

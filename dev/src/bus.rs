@@ -235,7 +235,7 @@ struct BusDeadLetters(Weak<Bus>);
 impl DeadLetterSink for BusDeadLetters {
     async fn publish(
         &self,
-        destination: &str,
+        topic: &str,
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<(), ebb_connectors::Error> {
@@ -243,10 +243,10 @@ impl DeadLetterSink for BusDeadLetters {
             .0
             .upgrade()
             .ok_or_else(|| ebb_connectors::Error::DeadLetter("the bus is gone".into()))?;
-        match bus.publish(destination, headers, body) {
+        match bus.publish(topic, headers, body) {
             Ok(p) => {
                 if p.functions.is_empty() {
-                    tracing::warn!(topic = %destination, "dead letter published, but no function subscribes to its topic");
+                    tracing::warn!(%topic, "dead letter published, but no function subscribes to its topic");
                 }
                 Ok(())
             }

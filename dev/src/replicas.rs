@@ -496,6 +496,19 @@ struct Supervised {
     drain: Duration,
 }
 
+impl Supervised {
+    /// The replica's process exited on its own: marks it crashed, reports
+    /// `what` with the exit status and kills its process group.
+    fn died(&self, status: std::io::Result<std::process::ExitStatus>, what: &str) {
+        self.crashed.store(true, Ordering::SeqCst);
+        self.exited.store(true, Ordering::SeqCst);
+        let reason = describe(status);
+        tracing::warn!(replica = %self.label, %reason, "{what}");
+        self.endpoints.failed(&format!("{what}: {reason}"));
+        kill_group(self.pid);
+    }
+}
+
 /// Runs one replica: waits until it is ready, serves it to the engine, and
 /// on stop drains it (SIGTERM) and then kills its process group.
 async fn supervise(mut s: Supervised) {
@@ -505,12 +518,7 @@ async fn supervise(mut s: Supervised) {
     loop {
         tokio::select! {
             status = s.child.wait() => {
-                s.crashed.store(true, Ordering::SeqCst);
-                s.exited.store(true, Ordering::SeqCst);
-                let reason = describe(status);
-                tracing::warn!(replica = %s.label, %reason, "replica exited before it was ready");
-                s.endpoints.failed(&format!("replica exited before it was ready: {reason}"));
-                kill_group(s.pid);
+                s.died(status, "replica exited before it was ready");
                 return;
             }
             () = s.stop.cancelled() => break,
@@ -536,12 +544,7 @@ async fn supervise(mut s: Supervised) {
         tokio::select! {
             status = s.child.wait() => {
                 s.endpoints.remove(s.id);
-                s.crashed.store(true, Ordering::SeqCst);
-                s.exited.store(true, Ordering::SeqCst);
-                let reason = describe(status);
-                tracing::warn!(replica = %s.label, %reason, "replica exited");
-                s.endpoints.failed(&format!("replica exited: {reason}"));
-                kill_group(s.pid);
+                s.died(status, "replica exited");
                 return;
             }
             () = s.stop.cancelled() => {}

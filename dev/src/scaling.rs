@@ -15,11 +15,10 @@ use std::time::Duration;
 
 use ebb_autoscaler::poll::{self, Poller};
 use ebb_autoscaler::scalers::prometheus::{HttpAuth, PrometheusScaler};
-use ebb_autoscaler::scalers::{ReadError, Reading, Role, Scaler};
+use ebb_autoscaler::scalers::{ReadFuture, Reading, Role, Scaler};
 use ebb_connectors::engine::Engine;
 use ebb_connectors::metrics::{FunctionLabels, OutcomeLabels};
 use ebb_model::FunctionSpec;
-use futures::future::BoxFuture;
 
 use crate::bus::Bus;
 
@@ -96,11 +95,7 @@ impl Scaler<()> for BusScaler {
         self.bus.backlog(&f.name).is_some()
     }
 
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a (),
-    ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+    fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a ()) -> ReadFuture<'a> {
         Box::pin(async move {
             let backlog = self.bus.backlog(&f.name).unwrap_or(0);
             Ok(Reading {
@@ -134,11 +129,7 @@ impl Scaler<()> for EngineFinished {
         self.scaler.serves(f)
     }
 
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        w: &'a (),
-    ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+    fn read<'a>(&'a self, f: &'a FunctionSpec, w: &'a ()) -> ReadFuture<'a> {
         Box::pin(async move {
             let reading = self.scaler.read(f, w).await?;
             Ok(Reading {
@@ -171,11 +162,7 @@ impl Scaler<()> for EngineInflight {
         true
     }
 
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a (),
-    ) -> BoxFuture<'a, Result<Reading, ReadError>> {
+    fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a ()) -> ReadFuture<'a> {
         Box::pin(async move {
             let inflight = self
                 .engine

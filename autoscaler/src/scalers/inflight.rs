@@ -266,7 +266,7 @@ impl super::Scaler<Workload> for InflightScaler {
         &'a self,
         _: &'a ebb_model::FunctionSpec,
         w: &'a Workload,
-    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+    ) -> super::ReadFuture<'a> {
         Box::pin(async move { Ok(super::Reading::value(self.read(w).await?)) })
     }
 

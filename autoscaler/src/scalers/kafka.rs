@@ -219,39 +219,28 @@ impl KafkaScaler {
     }
 }
 
-impl<W: Sync> super::Scaler<W> for KafkaScaler {
-    fn name(&self) -> &'static str {
-        "kafka"
+impl super::QueueScaler for KafkaScaler {
+    const NAME: &'static str = "kafka";
+
+    async fn read_backlog(&self, f: &FunctionSpec) -> Result<super::Reading, super::ReadError> {
+        Ok(self.read(f).await?.into())
     }
 
-    fn role(&self) -> super::Role {
-        super::Role::Queue
-    }
-
-    fn serves(&self, f: &FunctionSpec) -> bool {
-        !f.topics.is_empty()
-    }
-
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a W,
-    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
-        Box::pin(async move {
-            let r = self.read(f).await?;
-            Ok(super::Reading {
-                value: r.lag,
-                finished: r.finished,
-                position: None,
-                cap: Some(r.partitions),
-            })
-        })
-    }
-
-    fn retain(&self, live: &[(&FunctionSpec, Option<&W>)]) {
+    fn retain_backlogs<W>(&self, live: &[(&FunctionSpec, Option<&W>)]) {
         let groups: std::collections::HashSet<String> =
             live.iter().map(|(f, _)| f.consumer_group_name()).collect();
         KafkaScaler::retain(self, |group| groups.contains(group));
+    }
+}
+
+impl From<Reading> for super::Reading {
+    fn from(r: Reading) -> Self {
+        Self {
+            value: r.lag,
+            finished: r.finished,
+            position: None,
+            cap: Some(r.partitions),
+        }
     }
 }
 

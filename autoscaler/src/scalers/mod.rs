@@ -15,6 +15,8 @@ pub mod nats;
 pub mod prometheus;
 pub mod rabbitmq;
 
+use std::future::Future;
+
 use ebb_model::FunctionSpec;
 use futures::future::BoxFuture;
 
@@ -56,6 +58,9 @@ pub enum Role {
     /// other input scales, never the sole input of a function.
     InFlight,
 }
+
+/// What [`Scaler::read`] answers.
+pub type ReadFuture<'a> = BoxFuture<'a, Result<Reading, ReadError>>;
 
 /// Why an input could not be read: the policy holds the current count.
 #[derive(Debug, thiserror::Error)]
@@ -106,15 +111,53 @@ pub trait Scaler<W>: Send + Sync {
 
     /// Reads the input of `f`, whose workload is `w`, within the scaler's
     /// timeout.
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        w: &'a W,
-    ) -> BoxFuture<'a, Result<Reading, ReadError>>;
+    fn read<'a>(&'a self, f: &'a FunctionSpec, w: &'a W) -> ReadFuture<'a>;
 
     /// After each poll: forgets what the scaler keeps for functions other
     /// than `live` (each with its workload, if it has one).
     fn retain(&self, live: &[(&FunctionSpec, Option<&W>)]) {
         let _ = live;
+    }
+}
+
+/// A broker's queue of a function's messages (NATS JetStream, RabbitMQ,
+/// Kafka): every function with topics has one, and its backlog is read
+/// without the workload. Each such scaler is a [`Scaler`] through this.
+pub trait QueueScaler: Send + Sync {
+    /// The input's name (`nats`, `rabbitmq`, `kafka`).
+    const NAME: &'static str;
+
+    /// Reads the queue of `f` within the scaler's timeout.
+    fn read_backlog(
+        &self,
+        f: &FunctionSpec,
+    ) -> impl Future<Output = Result<Reading, ReadError>> + Send;
+
+    /// After each poll: forgets what the scaler keeps for functions other
+    /// than `live`.
+    fn retain_backlogs<W>(&self, live: &[(&FunctionSpec, Option<&W>)]) {
+        let _ = live;
+    }
+}
+
+impl<W: Sync, Q: QueueScaler> Scaler<W> for Q {
+    fn name(&self) -> &'static str {
+        Q::NAME
+    }
+
+    fn role(&self) -> Role {
+        Role::Queue
+    }
+
+    fn serves(&self, f: &FunctionSpec) -> bool {
+        !f.topics.is_empty()
+    }
+
+    fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a W) -> ReadFuture<'a> {
+        Box::pin(self.read_backlog(f))
+    }
+
+    fn retain(&self, live: &[(&FunctionSpec, Option<&W>)]) {
+        self.retain_backlogs(live);
     }
 }

@@ -50,6 +50,25 @@ pub struct Reading {
     pub finished: u64,
 }
 
+impl From<Reading> for super::Reading {
+    fn from(r: Reading) -> Self {
+        Self {
+            value: r.backlog,
+            finished: Some(r.finished),
+            position: Some(r.delivered),
+            cap: None,
+        }
+    }
+}
+
+impl super::QueueScaler for NatsScaler {
+    const NAME: &'static str = "nats";
+
+    async fn read_backlog(&self, f: &FunctionSpec) -> Result<super::Reading, super::ReadError> {
+        Ok(self.read(f).await?.into())
+    }
+}
+
 /// Reads JetStream consumer backlogs.
 #[derive(Clone)]
 pub struct NatsScaler {
@@ -129,35 +148,5 @@ impl NatsScaler {
         tokio::time::timeout(self.timeout, read)
             .await
             .map_err(|_| NatsScalerError::Timeout(self.timeout))?
-    }
-}
-
-impl<W: Sync> super::Scaler<W> for NatsScaler {
-    fn name(&self) -> &'static str {
-        "nats"
-    }
-
-    fn role(&self) -> super::Role {
-        super::Role::Queue
-    }
-
-    fn serves(&self, f: &FunctionSpec) -> bool {
-        !f.topics.is_empty()
-    }
-
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a W,
-    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
-        Box::pin(async move {
-            let r = self.read(f).await?;
-            Ok(super::Reading {
-                value: r.backlog,
-                finished: Some(r.finished),
-                position: Some(r.delivered),
-                cap: None,
-            })
-        })
     }
 }

@@ -874,11 +874,7 @@ impl<W: Sync> super::Scaler<W> for PrometheusScaler {
         f.prometheus.is_some()
     }
 
-    fn read<'a>(
-        &'a self,
-        f: &'a ebb_model::FunctionSpec,
-        _: &'a W,
-    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
+    fn read<'a>(&'a self, f: &'a ebb_model::FunctionSpec, _: &'a W) -> super::ReadFuture<'a> {
         Box::pin(async move {
             let Some(p) = &f.prometheus else {
                 return Ok(super::Reading::default());

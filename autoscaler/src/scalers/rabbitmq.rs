@@ -110,6 +110,24 @@ pub struct Reading {
     pub finished: Option<u64>,
 }
 
+impl From<Reading> for super::Reading {
+    fn from(r: Reading) -> Self {
+        Self {
+            value: r.backlog,
+            finished: r.finished,
+            ..Self::default()
+        }
+    }
+}
+
+impl super::QueueScaler for RabbitMqScaler {
+    const NAME: &'static str = "rabbitmq";
+
+    async fn read_backlog(&self, f: &FunctionSpec) -> Result<super::Reading, super::ReadError> {
+        Ok(self.read(f).await?.into())
+    }
+}
+
 /// Where the management API is and how to log in.
 #[derive(Debug, Clone)]
 pub struct Management {
@@ -245,36 +263,6 @@ impl RabbitMqScaler {
         tokio::time::timeout(self.timeout, read)
             .await
             .map_err(|_| RabbitMqScalerError::Timeout(self.timeout))?
-    }
-}
-
-impl<W: Sync> super::Scaler<W> for RabbitMqScaler {
-    fn name(&self) -> &'static str {
-        "rabbitmq"
-    }
-
-    fn role(&self) -> super::Role {
-        super::Role::Queue
-    }
-
-    fn serves(&self, f: &FunctionSpec) -> bool {
-        !f.topics.is_empty()
-    }
-
-    fn read<'a>(
-        &'a self,
-        f: &'a FunctionSpec,
-        _: &'a W,
-    ) -> futures::future::BoxFuture<'a, Result<super::Reading, super::ReadError>> {
-        Box::pin(async move {
-            let r = self.read(f).await?;
-            Ok(super::Reading {
-                value: r.backlog,
-                finished: r.finished,
-                position: None,
-                cap: None,
-            })
-        })
     }
 }
 
