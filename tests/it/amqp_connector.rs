@@ -13,9 +13,7 @@ use std::time::Duration;
 use crate::support::connector::{Func, func, stack_yaml, wait_ready, write_stack};
 use crate::support::sink::{FakeAutoscaler, Reply, Sink};
 use crate::support::{ChildGuard, RabbitMq, Vhost, ebb_command, free_port, within};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use nix::sys::signal::Signal;
@@ -49,23 +47,7 @@ impl Env {
             .prefix("ebb-test-amqp-")
             .tempdir()
             .expect("temp dir");
-        let conn = within(
-            STEP,
-            "AMQP connect",
-            Connection::connect(vhost.url(), ConnectionProperties::default()),
-        )
-        .await
-        .expect("connect to RabbitMQ");
-        let channel = within(STEP, "channel", conn.create_channel())
-            .await
-            .expect("channel");
-        within(
-            STEP,
-            "confirms",
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await
-        .expect("confirms");
+        let (conn, channel) = vhost.channel(true).await;
         Self {
             vhost,
             dir,

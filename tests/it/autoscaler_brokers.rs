@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::support::{ChildGuard, KafkaMock, RabbitMq, ebb_command, free_port, within};
 use ebb_kube_double::KubeApi;
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -97,16 +97,7 @@ async fn rabbitmq_queue_depth_scales_up() {
     let api = KubeApi::start();
     let rabbit = RabbitMq::shared().await;
     let vhost = rabbit.vhost().await;
-    let connection = within(
-        STEP,
-        "AMQP connect",
-        Connection::connect(vhost.url(), ConnectionProperties::default()),
-    )
-    .await
-    .expect("connect");
-    let channel = within(STEP, "channel", connection.create_channel())
-        .await
-        .expect("channel");
+    let (_connection, channel) = vhost.channel(false).await;
     within(
         STEP,
         "declare",

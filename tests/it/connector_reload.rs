@@ -19,8 +19,8 @@ use crate::support::{
     ChildGuard, KafkaMock, NatsServer, RabbitMq, Vhost, ebb_command, free_port, http, within,
 };
 use async_nats::jetstream;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Connection};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tempfile::TempDir;
@@ -71,23 +71,7 @@ impl Broker {
 
     async fn amqp() -> Self {
         let vhost = RabbitMq::shared().await.vhost().await;
-        let conn = within(
-            STEP,
-            "AMQP connect",
-            Connection::connect(vhost.url(), ConnectionProperties::default()),
-        )
-        .await
-        .expect("connect to RabbitMQ");
-        let channel = within(STEP, "channel", conn.create_channel())
-            .await
-            .expect("channel");
-        within(
-            STEP,
-            "confirms",
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await
-        .expect("confirms");
+        let (conn, channel) = vhost.channel(true).await;
         Self::Amqp {
             vhost,
             _conn: conn,

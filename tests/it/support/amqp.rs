@@ -157,6 +157,30 @@ impl RabbitMq {
 }
 
 impl Vhost {
+    /// An AMQP connection to this vhost and a channel on it, with publisher
+    /// confirms when `confirms` (each step bounded by 10 s).
+    pub async fn channel(&self, confirms: bool) -> (lapin::Connection, lapin::Channel) {
+        let step = Duration::from_secs(10);
+        let props = lapin::ConnectionProperties::default();
+        let conn = super::within(
+            step,
+            "AMQP connect",
+            lapin::Connection::connect(self.url(), props),
+        )
+        .await
+        .expect("connect to RabbitMQ");
+        let channel = super::within(step, "channel", conn.create_channel())
+            .await
+            .expect("channel");
+        if confirms {
+            let options = lapin::options::ConfirmSelectOptions::default();
+            super::within(step, "confirms", channel.confirm_select(options))
+                .await
+                .expect("confirms");
+        }
+        (conn, channel)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
