@@ -389,7 +389,7 @@ mod tests {
     use super::*;
     use crate::policy::Reason;
     use crate::scalers::{ReadError, ReadFuture, Reading};
-    use crate::target::ReplicaCounts;
+    use crate::target::{Applying, ReplicaCounts};
 
     /// The next reading of a [`Fixed`] input (`Err`: unknown).
     type Next = Arc<Mutex<Result<Reading, &'static str>>>;
@@ -473,12 +473,7 @@ mod tests {
             ))
         }
 
-        async fn apply(
-            &self,
-            f: &Arc<FunctionSpec>,
-            _: &(),
-            change: Change<'_>,
-        ) -> Result<Applied, Self::Error> {
+        async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {
             self.counts
                 .lock()
                 .unwrap()

@@ -102,8 +102,11 @@ pub trait ScaleTarget: Sync {
         f: &Arc<FunctionSpec>,
         w: &Self::Workload,
         change: Change<'_>,
-    ) -> impl Future<Output = Result<Applied, Self::Error>> + Send;
+    ) -> impl Future<Output = Applying<Self>> + Send;
 }
+
+/// What [`ScaleTarget::apply`] of `T` returns.
+pub type Applying<T> = Result<Applied, <T as ScaleTarget>::Error>;
 
 /// The workload a function runs as.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -45,7 +45,7 @@ use crate::Error;
 use crate::engine::{DeadLetterSink, Delivery};
 use crate::event::Event;
 use crate::routing::validate_subject;
-use crate::supervisor::{Consumer, ConsumerTask, Settings, Slots, Source};
+use crate::supervisor::{Consumer, ConsumerTask, Retired, Settings, Slots, Source};
 
 /// The topic exchange topics are published to, unless configured.
 pub const DEFAULT_EXCHANGE: &str = "ebb";
@@ -618,11 +618,7 @@ impl Source for AmqpSource {
         Ok(true)
     }
 
-    async fn retire(
-        &mut self,
-        old: &FunctionSpec,
-        now: Option<&FunctionSpec>,
-    ) -> Result<(), Error> {
+    async fn retire(&mut self, Retired { old, now }: Retired<'_>) -> Result<(), Error> {
         if old.queue.is_some() {
             // An existing queue is the user's: never unbound or deleted.
             return Ok(());

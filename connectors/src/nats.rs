@@ -27,7 +27,7 @@ use crate::Error;
 use crate::engine::{DeadLetterSink, Delivery, InProcess, Reply};
 use crate::event::Event;
 use crate::routing::{covers, minimal_subjects, validate_subject};
-use crate::supervisor::{Consumer, ConsumerTask, Settings, Source, accepts_names};
+use crate::supervisor::{Consumer, ConsumerTask, Retired, Settings, Source, accepts_names};
 
 /// JetStream (at-least-once) or core NATS (at-most-once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -491,11 +491,7 @@ impl Source for NatsSource {
         Ok(true)
     }
 
-    async fn retire(
-        &mut self,
-        old: &FunctionSpec,
-        now: Option<&FunctionSpec>,
-    ) -> Result<(), Error> {
+    async fn retire(&mut self, Retired { old, now }: Retired<'_>) -> Result<(), Error> {
         if now.is_some() {
             return Ok(());
         }

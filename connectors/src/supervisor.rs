@@ -97,14 +97,10 @@ pub trait Source: Send + 'static {
         async { Ok(false) }
     }
 
-    /// A consumer of `old` stopped and drained; `now` is the function's new
-    /// settings when it is restarted, `None` when it is gone. Cleans up what
-    /// `now` does not use (bindings, an empty queue).
-    fn retire(
-        &mut self,
-        _old: &FunctionSpec,
-        _now: Option<&FunctionSpec>,
-    ) -> impl Future<Output = Result<(), Error>> + Send {
+    /// A consumer stopped and drained: cleans up what the function's new
+    /// settings do not use (bindings, an empty queue), or what it used when
+    /// it is gone.
+    fn retire(&mut self, _r: Retired<'_>) -> impl Future<Output = Result<(), Error>> + Send {
         async { Ok(()) }
     }
 
@@ -115,6 +111,14 @@ pub trait Source: Send + 'static {
     {
         async {}
     }
+}
+
+/// A stopped consumer's function: the settings it ran with (`old`) and, when
+/// it is restarted rather than gone, its new ones (`now`).
+#[derive(Debug, Clone, Copy)]
+pub struct Retired<'a> {
+    pub old: &'a FunctionSpec,
+    pub now: Option<&'a FunctionSpec>,
 }
 
 /// Everything one function's consumer works with.
@@ -648,7 +652,7 @@ pub async fn run<S: Source>(
             Some((key, old)) = stopped_rx.recv() => {
                 sv.stopping.remove(&key);
                 let now = functions.iter().find(|f| f.key() == key).map(|f| f.spec.clone());
-                if let Err(e) = sv.source.retire(&old, now.as_deref()).await {
+                if let Err(e) = sv.source.retire(Retired { old: &old, now: now.as_deref() }).await {
                     sv.engine.metrics().error(e.metric_label());
                     tracing::warn!(function = %key, error = %e, "cannot clean up after the stopped consumer");
                 }

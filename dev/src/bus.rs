@@ -14,7 +14,7 @@ use ebb_connectors::engine::{DeadLetterSink, InProcess, NoReply};
 use ebb_connectors::event::Event;
 use ebb_connectors::limit::Limit;
 use ebb_connectors::routing::subject_matches;
-use ebb_connectors::supervisor::{Consumer, ConsumerTask, Source};
+use ebb_connectors::supervisor::{Consumer, ConsumerTask, Retired, Source};
 use ebb_model::{Function, FunctionSpec};
 use http::HeaderMap;
 use tokio::sync::Notify;
@@ -209,8 +209,7 @@ impl Source for BusSource {
 
     async fn retire(
         &mut self,
-        old: &FunctionSpec,
-        now: Option<&FunctionSpec>,
+        Retired { old, now }: Retired<'_>,
     ) -> Result<(), ebb_connectors::Error> {
         if now.is_some() {
             return Ok(());

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ebb_autoscaler::target::{Applied, Change, ReplicaCounts, ScaleTarget};
+use ebb_autoscaler::target::{Applied, Applying, Change, ReplicaCounts, ScaleTarget};
 use ebb_connectors::engine::{Endpoints, Resolve};
 use ebb_connectors::limit::Limit;
 use ebb_model::FunctionSpec;
@@ -468,12 +468,7 @@ impl ScaleTarget for Replicas {
         Some(((), ReplicaCounts { current, ready }))
     }
 
-    async fn apply(
-        &self,
-        f: &Arc<FunctionSpec>,
-        _: &(),
-        change: Change<'_>,
-    ) -> Result<Applied, Self::Error> {
+    async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {
         let (from, to) = (change.from, change.to);
         tracing::info!(function = %f.name, from, to, reason = %change.reason, "scaling");
         self.scale(f, to).await;
