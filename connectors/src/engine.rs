@@ -299,11 +299,6 @@ impl Target {
     pub fn release(&self) {
         self.release.cancel();
     }
-
-    /// Whether [`Target::release`] (or the process's stop) happened.
-    pub fn releasing(&self) -> bool {
-        self.release.is_cancelled()
-    }
 }
 
 struct TargetMetrics {

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use ebb_model::{FunctionSpec, KafkaOrdering};
 use ebb_runtime::Retrying;
+use futures::future::BoxFuture;
 use http::HeaderMap;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -395,13 +396,6 @@ fn consumer_for(cfg: &KafkaConfig, spec: &FunctionSpec) -> Result<StreamConsumer
     Ok(consumer)
 }
 
-/// A message taken, ready to deliver.
-struct Job {
-    event: Event,
-    delivery: KafkaDelivery,
-    slots: Slots,
-}
-
 /// Commits `points` (synchronously: call it off the async threads).
 fn commit_points(consumer: &StreamConsumer, points: &[(String, i32, i64)]) -> Result<(), String> {
     let mut tpl = TopicPartitionList::new();
@@ -442,7 +436,6 @@ async fn commit(consumer: &Arc<StreamConsumer>, offsets: &Arc<Mutex<Offsets>>, k
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn consume(
     consumer: Arc<StreamConsumer>,
     commit_interval: Duration,
@@ -452,7 +445,8 @@ async fn consume(
     let key = c.key().to_string();
     let ordering = c.spec.kafka_ordering;
     let offsets = Arc::new(Mutex::new(Offsets::default()));
-    let mut lanes: HashMap<(String, i32, u64), mpsc::UnboundedSender<Job>> = HashMap::new();
+    let mut lanes: HashMap<(String, i32, u64), mpsc::UnboundedSender<BoxFuture<'static, ()>>> =
+        HashMap::new();
     let mut tick = tokio::time::interval(commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut errors = Retrying::new(Duration::from_millis(500), Duration::from_secs(5));
@@ -512,52 +506,34 @@ async fn consume(
                 Err(e) => tracing::warn!(function = %key, error = %e, "commit task failed"),
             }
         }
-        let job = Job {
-            event: kafka_event(&msg),
-            delivery: KafkaDelivery {
-                offsets: offsets.clone(),
-                topic: topic.clone(),
-                partition,
-                offset,
-            },
-            slots: Slots::new(own, any),
+        let event = kafka_event(&msg);
+        let delivery = KafkaDelivery {
+            offsets: offsets.clone(),
+            topic: topic.clone(),
+            partition,
+            offset,
         };
+        let slots = Slots::new(own, any);
         match lane(ordering, &topic, partition, msg.key()) {
-            None => c.deliver(job.slots, job.event, job.delivery, sink.clone()),
+            None => c.deliver(slots, event, delivery, sink.clone()),
             Some(l) => {
                 let tx = lanes.entry(l).or_insert_with(|| {
-                    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+                    let (tx, mut rx) = mpsc::unbounded_channel::<BoxFuture<'static, ()>>();
                     let stop = c.stop.clone();
-                    let deliver = {
-                        let (engine, target, sink) =
-                            (c.engine.clone(), c.target.clone(), sink.clone());
-                        move |job: Job| {
-                            let (engine, target, sink) =
-                                (engine.clone(), target.clone(), sink.clone());
-                            async move {
-                                let _slots = job.slots;
-                                engine
-                                    .deliver(&target, &job.event, job.delivery, sink.as_ref())
-                                    .await;
-                            }
-                        }
-                    };
                     c.tracker.spawn(async move {
                         // One at a time, in order; on stop, what has not
                         // started stays unfinished (read again later).
-                        while let Some(job) = rx.recv().await {
+                        while let Some(delivery) = rx.recv().await {
                             if stop.is_cancelled() {
                                 break;
                             }
-                            deliver(job).await;
+                            delivery.await;
                         }
                     });
                     tx
                 });
-                if let Err(mpsc::error::SendError(job)) = tx.send(job) {
-                    // The lane ended (stopping): leave the message unfinished.
-                    drop(job);
-                }
+                // A lane that ended (stopping) leaves the message unfinished.
+                let _ = tx.send(Box::pin(c.delivery(slots, event, delivery, sink.clone())));
             }
         }
     }

@@ -356,11 +356,13 @@ pub async fn run(cfg: DevConfig, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!("stopping: finishing deliveries, then draining replicas");
     bus.close();
     stop.cancel();
-    engine.stopping().cancel();
+    // Each source gives back what its consumers hold once they stopped
+    // taking (a NATS pull still open would be handed a NAK straight back).
     let _ = source_task.await;
     for t in tasks {
         let _ = t.await;
     }
+    engine.stopping().cancel();
     replicas.shutdown().await;
     server_stop.cancel();
     let _ = server.await;

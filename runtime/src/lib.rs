@@ -66,11 +66,6 @@ impl Retrying {
     pub fn reset(&mut self) {
         self.next = self.base;
     }
-
-    /// Whether a failure happened since the last reset.
-    pub fn failing(&self) -> bool {
-        self.next != self.base
-    }
 }
 
 /// How log lines are written to stderr.
@@ -198,6 +193,16 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retrying_doubles_to_the_cap_and_starts_over_after_a_reset() {
+        use std::time::Duration;
+        let mut r = super::Retrying::new(Duration::from_millis(100), Duration::from_millis(500));
+        let pauses: Vec<u128> = (0..5).map(|_| r.next_pause().as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 500, 500]);
+        r.reset();
+        assert_eq!(r.next_pause(), Duration::from_millis(100));
+    }
+
     #[test]
     fn urls_lose_their_password() {
         assert_eq!(
