@@ -164,6 +164,10 @@ struct NatsArgs {
     /// Maximum size of the stream, e.g. 10GiB (0 = unlimited).
     #[arg(long, env = "EBB_STREAM_MAX_BYTES", default_value = "0", value_parser = parse_bytes)]
     stream_max_bytes: u64,
+    /// Replicas of the streams ebb creates; an existing stream keeps its own
+    /// replicas, limits and retention (only its subjects are changed).
+    #[arg(long, env = "EBB_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    stream_replicas: u8,
     /// The stream capturing dead-letter subjects.
     #[arg(long, env = "EBB_DEAD_LETTER_STREAM", default_value = "EBB_DEAD")]
     dead_letter_stream: String,
@@ -665,6 +669,7 @@ async fn run_nats(args: NatsArgs) -> ExitCode {
         stream_max_bytes: i64::try_from(args.stream_max_bytes).unwrap_or(i64::MAX),
         dead_stream: args.dead_letter_stream,
         dead_max_age: args.dead_letter_max_age,
+        stream_replicas: usize::from(args.stream_replicas),
         ack_wait: args.ack_wait,
         max_inflight_total: args.common.max_inflight_total as usize,
         drain_timeout: args.common.drain_timeout,

@@ -100,6 +100,19 @@ pub fn dead_letter_queue(destination: &str) -> String {
     format!("ebb-dead-letters-{clean}")
 }
 
+/// Where `spec`'s dead letters go: the routing key and the durable queue
+/// that keeps them (`None` with `dead-letter: none`). The default
+/// destination has a queue of the function's own,
+/// `ebb-dead-{namespace}-{function}`.
+pub fn dead_letter_binding(spec: &FunctionSpec) -> Option<(String, String)> {
+    let topic = spec.dead_letter_topic()?;
+    let queue = match spec.dead_letter {
+        None => spec.default_dead_letter_queue(),
+        Some(_) => dead_letter_queue(&topic),
+    };
+    Some((topic, queue))
+}
+
 /// A name the broker accepts (at most 255 bytes), or a clear error.
 fn short(what: &str, s: &str) -> Result<ShortString, Error> {
     ShortString::try_new(s).map_err(|_| {
@@ -368,8 +381,8 @@ fn check(spec: &FunctionSpec) -> Option<Result<(), String>> {
     if let Some(err) = topic_error {
         return Some(Err(format!("its topics are not valid routing keys: {err}")));
     }
-    if let Some(d) = &spec.dead_letter
-        && (d.len() > 255 || dead_letter_queue(d).len() > 255)
+    if let Some((topic, queue)) = dead_letter_binding(spec)
+        && (topic.len() > 255 || queue.len() > 255)
     {
         return Some(Err(
             "its dead-letter topic is too long for AMQP (at most 238 bytes); use a shorter one"
@@ -565,15 +578,15 @@ impl Source for AmqpSource {
         }
         // Dead letters are kept in a queue of their own even before anyone
         // subscribes to them.
-        for dest in functions
+        for (dest, queue) in functions
             .iter()
-            .filter_map(|f| f.spec.dead_letter.as_deref())
+            .filter_map(|f| dead_letter_binding(&f.spec))
         {
-            if s.dead_queues.contains(dest) {
+            if s.dead_queues.contains(&dest) {
                 continue;
             }
-            let queue = short("dead-letter queue", &dead_letter_queue(dest))?;
-            let key = short("dead-letter topic", dest)?;
+            let queue = short("dead-letter queue", &queue)?;
+            let key = short("dead-letter topic", &dest)?;
             declare_durable(&s.setup, &queue)
                 .await
                 .map_err(|e| Error::broker(format!("declare dead-letter queue {queue}"), e))?;
@@ -587,7 +600,7 @@ impl Source for AmqpSource {
                 )
                 .await
                 .map_err(|e| Error::broker(format!("bind dead-letter queue {queue}"), e))?;
-            s.dead_queues.insert(dest.to_owned());
+            s.dead_queues.insert(dest);
         }
         Ok(())
     }

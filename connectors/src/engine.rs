@@ -156,10 +156,16 @@ pub trait DeadLetterSink: Send + Sync {
     fn can_retry(&self) -> bool {
         true
     }
+    /// Whether this sink stores dead letters at all; `false` for a source
+    /// that has nowhere to put them (cron), whose exhausted events are
+    /// dropped and counted like those of `dead-letter: none`.
+    fn stores(&self) -> bool {
+        true
+    }
 }
 
-/// A sink for sources without dead-letter support: every publish fails, so
-/// nothing is acked on its account.
+/// The sink of sources without dead-letter support (cron): exhausted events
+/// are dropped and counted; a publish, never attempted, fails.
 pub struct NoDeadLetters;
 
 impl DeadLetterSink for NoDeadLetters {
@@ -169,6 +175,9 @@ impl DeadLetterSink for NoDeadLetters {
         )))
     }
     fn can_retry(&self) -> bool {
+        false
+    }
+    fn stores(&self) -> bool {
         false
     }
 }
@@ -283,6 +292,8 @@ pub struct Target {
     /// `namespace/name`.
     pub key: String,
     pub uri: http::Uri,
+    /// Where its exhausted events go ([`FunctionSpec::dead_letter_topic`]).
+    pub dead_letter: Option<String>,
     /// Replicas picked per call, when a resolver knows them.
     endpoints: Option<Arc<dyn Endpoints>>,
     /// A wake-up was sent since the last delivery.
@@ -437,6 +448,7 @@ impl Engine {
                 .clone(),
         };
         Ok(Arc::new(Target {
+            dead_letter: spec.dead_letter_topic(),
             spec,
             key,
             uri,
@@ -720,14 +732,14 @@ impl Engine {
         sink: &S,
         info: DeadLetterInfo,
     ) {
-        let Some(destination) = &t.spec.dead_letter else {
+        let Some(destination) = t.dead_letter.as_deref().filter(|_| sink.stores()) else {
             tracing::warn!(
                 function = %function,
                 position = %event.position,
                 topic = %event.topic,
                 reason = %info.reason,
                 attempts = info.attempts,
-                "giving up on the event; no dead-letter destination (set ebb.io/dead-letter to keep such events)"
+                "giving up on the event; dead letters are off (ebb.io/dead-letter: none) or this source has none"
             );
             if let Err(e) = d.terminate().await {
                 tracing::warn!(function = %function, error = %e, "cannot terminate the event");

@@ -349,11 +349,8 @@ impl Source for KafkaSource {
 
     fn accepts(&self, spec: &FunctionSpec) -> Option<Result<(), String>> {
         // Topics (and the dead-letter topic) must be Kafka topic names.
-        accepts_names(
-            spec,
-            spec.topics.iter().chain(&spec.dead_letter),
-            validate_topic,
-        )
+        let dead_letter = spec.dead_letter_topic();
+        accepts_names(spec, spec.topics.iter().chain(&dead_letter), validate_topic)
     }
 
     async fn start(&mut self, c: Consumer) -> Result<ConsumerTask, Error> {

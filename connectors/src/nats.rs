@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ebb_model::{Function, FunctionSpec};
+use ebb_model::{Function, FunctionSpec, NO_DEAD_LETTER};
 use ebb_runtime::Retrying;
 use futures::StreamExt;
 use http::HeaderMap;
@@ -63,6 +63,8 @@ pub struct NatsConfig {
     /// The stream capturing dead-letter subjects.
     pub dead_stream: String,
     pub dead_max_age: Duration,
+    /// Replicas of the streams ebb creates (an existing stream keeps its own).
+    pub stream_replicas: usize,
     /// The consumers' ack wait.
     pub ack_wait: Duration,
     /// Deliveries in flight across all functions.
@@ -82,6 +84,7 @@ impl Default for NatsConfig {
             stream_max_bytes: 0,
             dead_stream: "EBB_DEAD".into(),
             dead_max_age: Duration::from_secs(14 * 24 * 3600),
+            stream_replicas: 1,
             ack_wait: Duration::from_secs(30),
             max_inflight_total: 1024,
             drain_timeout: Duration::from_secs(30),
@@ -306,6 +309,52 @@ fn time_utc(t: DateTime<Utc>) -> DateTime<Utc> {
     t
 }
 
+/// The subject under which every default dead-letter destination
+/// (`ebb.dead.{namespace}.{function}`) is captured.
+const DEFAULT_DEAD_LETTERS: &str = "ebb.dead.>";
+
+/// The stream `want` names, created as `want` when missing. One that exists
+/// is the operator's as much as ebb's: only its subjects are changed (to
+/// `want`'s), never its retention, limits or replicas.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+) -> Result<stream::Stream, Error> {
+    let name = want.name.clone();
+    let failed = |e: crate::BoxError| Error::broker(format!("stream {name}"), e);
+    match js.get_stream(&name).await {
+        Ok(stream) => {
+            let mut config = stream.cached_info().config.clone();
+            if same_subjects(&config.subjects, &want.subjects) {
+                return Ok(stream);
+            }
+            tracing::info!(stream = %name, from = ?config.subjects, to = ?want.subjects, "changing the stream's subjects");
+            config.subjects = want.subjects;
+            js.update_stream(&config)
+                .await
+                .map_err(|e| failed(e.into()))?;
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            tracing::info!(stream = %name, subjects = ?want.subjects, replicas = want.num_replicas, "creating the stream");
+            js.create_stream(want).await.map_err(|e| failed(e.into()))?;
+        }
+        Err(e) => return Err(failed(e.into())),
+    }
+    js.get_stream(&name).await.map_err(|e| failed(e.into()))
+}
+
+/// Whether two subject lists hold the same subjects, in any order.
+fn same_subjects(a: &[String], b: &[String]) -> bool {
+    let mut a: Vec<&String> = a.iter().collect();
+    let mut b: Vec<&String> = b.iter().collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 /// The NATS source of `cfg`, with its supervisor settings.
 pub fn source(cfg: NatsConfig) -> (NatsSource, Settings) {
     let settings = Settings::new(cfg.max_inflight_total, cfg.drain_timeout);
@@ -384,20 +433,23 @@ impl Source for NatsSource {
                 .iter()
                 .flat_map(|f| f.spec.topics.iter().map(String::as_str)),
         );
-        let dead: Vec<String> = minimal_subjects(
-            functions
-                .iter()
-                .filter_map(|f| f.spec.dead_letter.as_deref()),
-        )
+        let dead: Vec<String> = minimal_subjects(functions.iter().filter_map(|f| {
+            // Every default destination is under one subject.
+            match f.spec.dead_letter.as_deref() {
+                None => Some(DEFAULT_DEAD_LETTERS),
+                Some(NO_DEAD_LETTER) => None,
+                Some(topic) => Some(topic),
+            }
+        }))
         .into_iter()
         .filter(|d| !subjects.iter().any(|s| covers(s, d)))
         .collect();
         if cfg.mode == Mode::JetStream && !subjects.is_empty() {
-            let info = conn
-                .js
-                .create_or_update_stream(stream::Config {
+            let stream = ensure_stream(
+                &conn.js,
+                stream::Config {
                     name: cfg.stream.clone(),
-                    subjects: subjects.clone(),
+                    subjects,
                     retention: stream::RetentionPolicy::Interest,
                     storage: stream::StorageType::File,
                     max_age: cfg.stream_max_age,
@@ -406,30 +458,27 @@ impl Source for NatsSource {
                     } else {
                         -1
                     },
+                    num_replicas: cfg.stream_replicas,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| Error::broker(format!("stream {}", cfg.stream), e))?;
-            tracing::debug!(stream = %info.config.name, subjects = ?info.config.subjects, "stream ready");
-            self.stream = Some(
-                conn.js
-                    .get_stream(&cfg.stream)
-                    .await
-                    .map_err(|e| Error::broker(format!("stream {}", cfg.stream), e))?,
-            );
+                },
+            )
+            .await?;
+            self.stream = Some(stream);
         }
         if !dead.is_empty() {
-            conn.js
-                .create_or_update_stream(stream::Config {
+            ensure_stream(
+                &conn.js,
+                stream::Config {
                     name: cfg.dead_stream.clone(),
                     subjects: dead,
                     retention: stream::RetentionPolicy::Limits,
                     storage: stream::StorageType::File,
                     max_age: cfg.dead_max_age,
+                    num_replicas: cfg.stream_replicas,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| Error::broker(format!("dead-letter stream {}", cfg.dead_stream), e))?;
+                },
+            )
+            .await?;
         }
         Ok(())
     }

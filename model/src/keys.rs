@@ -121,7 +121,7 @@ impl Key {
             Key::Activation => "a number ≥ 0",
             Key::ScaleToZeroAfter | Key::ScaleDownWindow | Key::StartingDeadline => DURATION,
             Key::Timeout => r#"a duration above zero like "30s", "5m" or "500ms""#,
-            Key::DeadLetter => "a topic without spaces or commas",
+            Key::DeadLetter => "a topic without spaces or commas, or `none`",
             Key::Url | Key::PrometheusUrl | Key::PrometheusServer => "an http:// or https:// URL",
             Key::Concurrency => r#"one of "forbid", "allow", "replace""#,
             Key::Payload => "a string",

@@ -37,8 +37,8 @@ mod values;
 pub use catalog::{Catalog, Function, FunctionKey};
 pub use error::{ConfigError, StackError};
 pub use spec::{
-    ANNOTATION_PREFIX, Concurrency, DEFAULT_NAMESPACE, FunctionSpec, KafkaOrdering, Prometheus,
-    resource_name,
+    ANNOTATION_PREFIX, Concurrency, DEFAULT_NAMESPACE, FunctionSpec, KafkaOrdering, NO_DEAD_LETTER,
+    Prometheus, resource_name,
 };
 pub use stack::{Sources, Stack};
 pub use values::MetricSelector;

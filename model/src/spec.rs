@@ -69,7 +69,9 @@ pub struct FunctionSpec {
     pub max_inflight: u32,
     /// `max-attempts`: calls per event, the first included, default 5.
     pub max_attempts: u32,
-    /// `dead-letter`: topic where exhausted events go (none by default).
+    /// `dead-letter`: topic where exhausted events go; `None` for the
+    /// function's default destination, [`NO_DEAD_LETTER`] to drop them. Read
+    /// it with [`FunctionSpec::dead_letter_topic`].
     pub dead_letter: Option<String>,
     /// `concurrency`: what a cron tick does while the previous one still runs.
     pub concurrency: Concurrency,
@@ -162,8 +164,13 @@ pub enum Prometheus {
 /// durable, AMQP queue, Kafka consumer group): `ebb-{namespace}-{function}`
 /// with every character outside `[A-Za-z0-9_-]` replaced by `_`.
 pub fn resource_name(namespace: &str, function: &str) -> String {
-    format!("ebb-{namespace}-{function}")
-        .chars()
+    format!("ebb-{}-{}", token(namespace), token(function))
+}
+
+/// `text` with every character outside `[A-Za-z0-9_-]` replaced by `_`: a
+/// name every broker accepts, and one NATS subject token.
+fn token(text: &str) -> String {
+    text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                 c
@@ -173,6 +180,9 @@ pub fn resource_name(namespace: &str, function: &str) -> String {
         })
         .collect()
 }
+
+/// `dead-letter: none`: exhausted events are dropped (and counted).
+pub const NO_DEAD_LETTER: &str = "none";
 
 impl FunctionSpec {
     /// A function with every setting at ebb's default (no URL, no topics).
@@ -300,6 +310,28 @@ impl FunctionSpec {
             .map(Some)
             // `finish` fails only with at least one error.
             .map_err(|mut errors| errors.swap_remove(0))
+    }
+
+    /// Where this function's exhausted events go: its `dead-letter` topic,
+    /// or by default `ebb.dead.{namespace}.{function}` (each part as in
+    /// [`resource_name`]); `None` with `dead-letter: none`.
+    pub fn dead_letter_topic(&self) -> Option<String> {
+        match self.dead_letter.as_deref() {
+            Some(NO_DEAD_LETTER) => None,
+            Some(topic) => Some(topic.to_owned()),
+            None => Some(self.default_dead_letter()),
+        }
+    }
+
+    /// The default dead-letter topic (subject): `ebb.dead.{namespace}.{function}`.
+    pub fn default_dead_letter(&self) -> String {
+        format!("ebb.dead.{}.{}", token(&self.namespace), token(&self.name))
+    }
+
+    /// The RabbitMQ queue that keeps the default dead letters:
+    /// `ebb-dead-{namespace}-{function}` (each part as in [`resource_name`]).
+    pub fn default_dead_letter_queue(&self) -> String {
+        format!("ebb-dead-{}-{}", token(&self.namespace), token(&self.name))
     }
 
     /// The JetStream durable consumer: [`resource_name`] of this function.
@@ -905,6 +937,20 @@ mod tests {
         assert_eq!(spec.queue_name(), "legacy");
         assert_eq!(spec.consumer_group_name(), "billing");
         assert_eq!(spec.durable_name(), "ebb-shop-echo");
+    }
+
+    #[test]
+    fn dead_letters_go_to_a_default_topic_unless_set_or_none() {
+        let mut spec = FunctionSpec::new("fn.v2", "team.a");
+        assert_eq!(
+            spec.dead_letter_topic().as_deref(),
+            Some("ebb.dead.team_a.fn_v2")
+        );
+        assert_eq!(spec.default_dead_letter_queue(), "ebb-dead-team_a-fn_v2");
+        spec.dead_letter = Some("orders.dead".into());
+        assert_eq!(spec.dead_letter_topic().as_deref(), Some("orders.dead"));
+        spec = spec_of(&[("ebb.io/dead-letter", "none")]);
+        assert_eq!(spec.dead_letter_topic(), None);
     }
 
     #[test]

@@ -622,10 +622,47 @@ async fn exhausted_retries_are_dead_lettered_after_max_attempts() {
 }
 
 #[tokio::test]
-async fn without_a_dead_letter_subject_a_failed_event_is_dropped_not_redelivered() {
+async fn without_a_dead_letter_setting_events_go_to_the_default_destination() {
+    let env = Env::start().await;
+    let f = Sink::builder()
+        .otherwise(Reply::status(400).body("no such order"))
+        .start()
+        .await;
+    env.write_stack(&[func("f", &f.url(), &["orders"])]);
+    let _connector = env.connector(&[]).await;
+    env.wait_consumers(&["f"]).await;
+
+    let seq = env.publish("orders", "order-3").await;
+    let dead = env.wait_dead_letter("ebb.dead.default.f").await;
+    assert_eq!(dead.payload, "order-3");
+    let h = |name| nats_header(&dead, name);
+    assert_eq!(h("ebb-dead-letter-reason").as_deref(), Some("status 400"));
+    assert_eq!(h("ebb-attempts").as_deref(), Some("1"));
+    assert_eq!(h("ebb-last-status").as_deref(), Some("400"));
+    assert_eq!(h("ebb-original-topic").as_deref(), Some("orders"));
+    assert_eq!(
+        h("ebb-source-position"),
+        Some(format!("stream EBB sequence {seq}"))
+    );
+    assert_eq!(h("ebb-last-response").as_deref(), Some("no such order"));
+    env.wait_all_acked("f", DELIVERY).await;
+    assert_eq!(env.stream_messages(DEAD_STREAM).await, 1);
+    // One subject keeps every function's default dead letters.
+    let subjects = env
+        .stream(DEAD_STREAM)
+        .await
+        .cached_info()
+        .config
+        .subjects
+        .clone();
+    assert_eq!(subjects, ["ebb.dead.>"]);
+}
+
+#[tokio::test]
+async fn with_dead_letter_none_a_failed_event_is_dropped_not_redelivered() {
     let env = Env::start().await;
     let f = Sink::builder().otherwise(Reply::status(400)).start().await;
-    env.write_stack(&[func("f", &f.url(), &["orders"])]);
+    env.write_stack(&[func("f", &f.url(), &["orders"]).set("dead-letter", "none")]);
     // A short ack wait: an event left unacked would come back quickly.
     let connector = env.connector(&["--ack-wait", "1s"]).await;
     env.wait_consumers(&["f"]).await;
@@ -650,6 +687,53 @@ async fn without_a_dead_letter_subject_a_failed_event_is_dropped_not_redelivered
             .await,
         Some(1.0)
     );
+}
+
+#[tokio::test]
+async fn an_existing_stream_keeps_its_limits_and_replicas() {
+    let env = Env::start().await;
+    let hour = Duration::from_secs(3600);
+    let gib = 1 << 30;
+    within(
+        STEP,
+        "create the stream",
+        env.js.create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["legacy".into()],
+            retention: stream::RetentionPolicy::Interest,
+            max_age: hour,
+            max_bytes: gib,
+            num_replicas: 1,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("create the stream");
+    let f = Sink::start().await;
+    env.write_stack(&[func("f", &f.url(), &["orders"])]);
+    let _connector = env.connector(&[]).await;
+    env.wait_consumers(&["f"]).await;
+    let kept = |config: &stream::Config| {
+        assert_eq!(config.max_age, hour, "{config:?}");
+        assert_eq!(config.max_bytes, gib, "{config:?}");
+        assert_eq!(config.num_replicas, 1, "{config:?}");
+        assert_eq!(config.retention, stream::RetentionPolicy::Interest);
+    };
+    let config = env.stream(STREAM).await.cached_info().config.clone();
+    kept(&config);
+    assert_eq!(config.subjects, ["orders"], "only the subjects changed");
+
+    // A topic added later changes the subjects again, and only them.
+    env.write_stack(&[func("f", &f.url(), &["orders", "refunds"])]);
+    wait_until(DELIVERY, "the new subject", || async {
+        let config = env.stream(STREAM).await.cached_info().config.clone();
+        config.subjects.len() == 2
+    })
+    .await;
+    let config = env.stream(STREAM).await.cached_info().config.clone();
+    kept(&config);
+    env.publish("refunds", "r-1").await;
+    f.wait_for_calls(1, DELIVERY).await;
 }
 
 // ---------------------------------------------------------------------------
