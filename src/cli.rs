@@ -139,6 +139,11 @@ struct ConnectorArgs {
     /// How often a stack file is checked for changes.
     #[arg(long, env = "EBB_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     reload_interval: Duration,
+    /// How long a removed function's consumer, queue or group offsets are kept
+    /// (with what was published meanwhile) in case it comes back; after that,
+    /// what it still holds goes to its dead letters and the rest is deleted.
+    #[arg(long, env = "EBB_RETAIN_REMOVED", default_value = "24h", value_parser = parse_duration)]
+    retain_removed: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -636,6 +641,7 @@ fn connector_common(
             cap: a.retry_max_delay,
         },
         resolver: None,
+        retain_removed: a.retain_removed,
     })
 }
 

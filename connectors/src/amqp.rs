@@ -31,7 +31,7 @@ use http::HeaderMap;
 use lapin::Confirmation;
 use lapin::message::Delivery as AmqpMessage;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicGetOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -42,7 +42,7 @@ use tokio::sync::Notify;
 use ebb_runtime::redact_url;
 
 use crate::Error;
-use crate::engine::{DeadLetterSink, Delivery};
+use crate::engine::{DeadLetterSink, Delivery, Engine};
 use crate::event::Event;
 use crate::routing::validate_subject;
 use crate::supervisor::{Consumer, ConsumerTask, Retired, Settings, Slots, Source};
@@ -112,6 +112,10 @@ pub fn dead_letter_binding(spec: &FunctionSpec) -> Option<(String, String)> {
     };
     Some((topic, queue))
 }
+
+/// How long the expiry of a removed function may take to empty its queue
+/// before it is tried again later.
+const EXPIRE_WITHIN: Duration = Duration::from_secs(120);
 
 /// A name the broker accepts (at most 255 bytes), or a clear error.
 fn short(what: &str, s: &str) -> Result<ShortString, Error> {
@@ -677,6 +681,58 @@ impl Source for AmqpSource {
             }
         }
         Ok(())
+    }
+
+    async fn expire(&mut self, engine: &Engine, spec: &FunctionSpec) -> Result<u64, Error> {
+        if spec.queue.is_some() {
+            // An existing queue is the user's: what it holds stays there.
+            return Ok(0);
+        }
+        let queue = short("queue", &spec.queue_name())?;
+        // Nothing new reaches it from now on.
+        for t in &spec.topics {
+            self.bind(&queue, t, false).await?;
+        }
+        let s = self.session()?;
+        let ch = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::broker("open a channel", e))?;
+        let mut moved = 0;
+        let give_up = tokio::time::Instant::now() + EXPIRE_WITHIN;
+        let drained: Result<(), Error> = async {
+            while tokio::time::Instant::now() < give_up {
+                let got = ch
+                    .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(|e| Error::broker(format!("get from {queue}"), e))?;
+                let Some(m) = got else {
+                    return Ok(());
+                };
+                let event = amqp_event(&m.delivery, queue.as_str());
+                engine.expire_one(spec, &event, s.sink.as_ref()).await?;
+                m.delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| Error::broker(format!("ack on {queue}"), e))?;
+                moved += 1;
+            }
+            Err(Error::Broker(format!(
+                "{queue} still holds messages after {EXPIRE_WITHIN:?}"
+            )))
+        }
+        .await;
+        // Closing gives back a message taken but not yet moved.
+        let _ = ch.close(200, "done".into()).await;
+        drained?;
+        self.retire(Retired {
+            old: spec,
+            now: None,
+        })
+        .await?;
+        Ok(moved)
     }
 
     async fn close(self) {

@@ -49,6 +49,8 @@ pub struct CommonOptions {
     pub backoff: Backoff,
     /// Local replicas the engine picks among (`ebb dev`); `None` calls URLs.
     pub resolver: Option<crate::engine::Resolver>,
+    /// How long a removed function's consumer is kept ([`Settings::retain_removed`]).
+    pub retain_removed: Duration,
 }
 
 /// What a running connector shares with its source.
@@ -186,9 +188,10 @@ fn trim_ascii_end(mut v: Vec<u8>) -> Vec<u8> {
 /// `kafka::source`), then the parts stop.
 pub async fn run_broker<S: Source>(
     common: CommonOptions,
-    (source, settings): (S, Settings),
+    (source, mut settings): (S, Settings),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    settings.retain_removed = common.retain_removed;
     let parts = Parts::start(common).await?;
     let r = supervisor::run(
         source,

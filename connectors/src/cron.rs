@@ -531,10 +531,8 @@ pub async fn run_schedules<F: Fire>(
         ticks,
         metrics,
     });
-    let settings = Settings {
-        max_inflight_total: usize::MAX,
-        drain_timeout: FIRES_FINISH,
-    };
+    // A schedule holds nothing for a removed function.
+    let settings = Settings::new(usize::MAX, FIRES_FINISH);
     // The connector's readiness is its caller's (followers are ready too).
     let ready = Arc::new(Readiness::default());
     if let Err(e) = supervisor::run(

@@ -713,6 +713,36 @@ impl Engine {
         }
     }
 
+    /// Dead-letters (or, without a destination, drops) one message that a
+    /// removed function still held when its retention passed. `Ok` once it
+    /// is stored (or dropped): then the source may remove it.
+    pub async fn expire_one<S: DeadLetterSink>(
+        &self,
+        spec: &FunctionSpec,
+        event: &Event,
+        sink: &S,
+    ) -> Result<(), Error> {
+        let function = spec.key().to_string();
+        let Some(destination) = spec.dead_letter_topic().filter(|_| sink.stores()) else {
+            self.outcome(&function, "dropped");
+            return Ok(());
+        };
+        let info = DeadLetterInfo {
+            reason: crate::supervisor::REMOVED_REASON.into(),
+            attempts: 0,
+            last_status: None,
+            last_response: Bytes::new(),
+        };
+        sink.publish(&destination, dead_letter_headers(event, &info), event.body.clone())
+            .await?;
+        self.metrics
+            .dead_letters
+            .get_or_create(&FunctionLabels { function: function.clone() })
+            .inc();
+        self.outcome(&function, "dead_lettered");
+        Ok(())
+    }
+
     fn outcome(&self, function: &str, outcome: &'static str) {
         self.metrics
             .deliveries

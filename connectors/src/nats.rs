@@ -24,10 +24,10 @@ use http::HeaderMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::engine::{DeadLetterSink, Delivery, InProcess, Reply};
+use crate::engine::{DeadLetterSink, Delivery, Engine, InProcess, Reply};
 use crate::event::Event;
 use crate::routing::{covers, minimal_subjects, validate_subject};
-use crate::supervisor::{Consumer, ConsumerTask, Retired, Settings, Source, accepts_names};
+use crate::supervisor::{Consumer, ConsumerTask, Settings, Source, accepts_names};
 
 /// JetStream (at-least-once) or core NATS (at-most-once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +218,11 @@ impl DeadLetterSink for NatsDeadLetters {
     }
 }
 
+/// How long the expiry of a removed function may take to empty its consumer
+/// before it is tried again later (its unacked messages come back after the
+/// ack wait).
+const EXPIRE_WITHIN: Duration = Duration::from_secs(120);
+
 /// How long one pull request waits at the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long past its expiry a pull is waited for before it is taken as lost.
@@ -344,6 +349,16 @@ async fn ensure_stream(
         Err(e) => return Err(failed(e.into())),
     }
     js.get_stream(&name).await.map_err(|e| failed(e.into()))
+}
+
+/// Whether a consumer-info error says the consumer does not exist.
+fn consumer_missing(kind: jetstream::context::ConsumerInfoErrorKind) -> bool {
+    use jetstream::context::ConsumerInfoErrorKind as K;
+    match kind {
+        K::NotFound => true,
+        K::JetStream(e) => e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND,
+        _ => false,
+    }
 }
 
 /// Whether two subject lists hold the same subjects, in any order.
@@ -540,19 +555,61 @@ impl Source for NatsSource {
         Ok(true)
     }
 
-    async fn retire(&mut self, Retired { old, now }: Retired<'_>) -> Result<(), Error> {
-        if now.is_some() {
-            return Ok(());
-        }
-        let Some(s) = &self.stream else {
-            return Ok(());
+    async fn expire(&mut self, engine: &Engine, spec: &FunctionSpec) -> Result<u64, Error> {
+        let (Some(conn), Some(stream)) = (&self.conn, &self.stream) else {
+            return Ok(0);
         };
-        // Its undelivered messages can never be delivered now; keeping the
-        // consumer would pin them in the stream forever.
-        s.delete_consumer(&old.durable_name())
+        let durable = spec.durable_name();
+        let failed = |e: crate::BoxError| Error::broker(format!("consumer {durable}"), e);
+        match stream.consumer_info(&durable).await {
+            Ok(_) => {}
+            Err(e) if consumer_missing(e.kind()) => return Ok(0),
+            Err(e) => return Err(failed(e.into())),
+        }
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(&durable)
             .await
-            .map_err(|e| Error::broker(format!("delete consumer {}", old.durable_name()), e))?;
-        Ok(())
+            .map_err(|e| failed(e.into()))?;
+        let mut moved = 0;
+        let give_up = tokio::time::Instant::now() + EXPIRE_WITHIN;
+        loop {
+            let info = consumer.info().await.map_err(|e| failed(e.into()))?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(failed(
+                    format!(
+                        "{} messages still held after {EXPIRE_WITHIN:?}",
+                        info.num_pending + info.num_ack_pending as u64
+                    )
+                    .into(),
+                ));
+            }
+            // Messages handed out before the function went come back after
+            // the ack wait; new ones come at once.
+            let mut batch = consumer
+                .fetch()
+                .max_messages(256)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+                .map_err(|e| failed(e.into()))?;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(|e| failed(e.into()))?;
+                let event = js_event(&msg, &self.cfg.stream);
+                engine.expire_one(spec, &event, conn.sink.as_ref()).await?;
+                msg.double_ack_with(AckKind::Term)
+                    .await
+                    .map_err(|e| failed(e.into()))?;
+                moved += 1;
+            }
+        }
+        stream
+            .delete_consumer(&durable)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        Ok(moved)
     }
 
     async fn close(self) {

@@ -104,6 +104,28 @@ pub trait Source: Send + 'static {
         async { Ok(()) }
     }
 
+    /// A removed function's retention passed: moves what its consumer or
+    /// queue still holds to its dead-letter destination (reason
+    /// [`REMOVED_REASON`], dropped and counted with `dead-letter: none`),
+    /// then deletes the consumer or queue, never while it still holds
+    /// messages. Returns how many messages were moved. By default (a source
+    /// that holds nothing for a function) it is [`Source::retire`].
+    fn expire(
+        &mut self,
+        engine: &Engine,
+        spec: &FunctionSpec,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        let _ = engine;
+        async move {
+            self.retire(Retired {
+                old: spec,
+                now: None,
+            })
+            .await
+            .map(|()| 0)
+        }
+    }
+
     /// The process stops: every consumer has drained.
     fn close(self) -> impl Future<Output = ()> + Send
     where
@@ -112,6 +134,10 @@ pub trait Source: Send + 'static {
         async {}
     }
 }
+
+/// The `ebb-dead-letter-reason` of what a removed function still held when
+/// its retention passed.
+pub const REMOVED_REASON: &str = "function removed";
 
 /// A stopped consumer's function: the settings it ran with (`old`) and, when
 /// it is restarted rather than gone, its new ones (`now`).
@@ -288,19 +314,30 @@ pub struct Settings {
     pub max_inflight_total: usize,
     /// How long a stopping consumer's calls may take to finish.
     pub drain_timeout: Duration,
+    /// How long a removed function's consumer, queue or offsets are kept
+    /// (with what it holds) in case it comes back.
+    pub retain_removed: Duration,
 }
 
 impl Settings {
+    /// Removed functions are retained for [`Settings::RETAIN_REMOVED`].
     pub fn new(max_inflight_total: usize, drain_timeout: Duration) -> Self {
         Self {
             max_inflight_total,
             drain_timeout,
+            retain_removed: Self::RETAIN_REMOVED,
         }
     }
+
+    /// The default of [`Settings::retain_removed`]: a day.
+    pub const RETAIN_REMOVED: Duration = Duration::from_secs(24 * 3600);
 }
 
 /// How long a consumer's loop may take to stop taking.
 const LOOP_STOP: Duration = Duration::from_secs(5);
+
+/// How long after a failed expiry it is tried again.
+const EXPIRE_AGAIN: Duration = Duration::from_secs(30);
 
 struct Running {
     spec: Arc<FunctionSpec>,
@@ -370,6 +407,14 @@ struct Supervisor<S: Source> {
     stopping: HashMap<FunctionKey, JoinHandle<()>>,
     /// Told the key of each consumer that finished winding down.
     stopped_tx: mpsc::UnboundedSender<(FunctionKey, Arc<FunctionSpec>)>,
+    /// Removed functions whose consumer, queue or offsets are kept.
+    kept: HashMap<FunctionKey, Kept>,
+}
+
+/// A removed function, retained until `until`.
+struct Kept {
+    spec: Arc<FunctionSpec>,
+    until: tokio::time::Instant,
 }
 
 impl<S: Source> Supervisor<S> {
@@ -378,7 +423,31 @@ impl<S: Source> Supervisor<S> {
     /// when some could not start (each reported) or wait for their old
     /// consumer to stop; `Err` when the shared set-up failed.
     async fn reconcile(&mut self, functions: &[Function]) -> Result<bool, Error> {
-        self.source.prepare(functions).await?;
+        // A retained function that is back resumes on what was kept.
+        for f in functions {
+            let key = f.key();
+            let Some(kept) = self.kept.remove(&key) else {
+                continue;
+            };
+            tracing::info!(function = %key, source = self.source.name(), "a removed function is back; resuming where it left off");
+            if change(&kept.spec, &f.spec) != Change::Same {
+                let back = Retired {
+                    old: &kept.spec,
+                    now: Some(&f.spec),
+                };
+                if let Err(e) = self.source.retire(back).await {
+                    self.engine.metrics().error(e.metric_label());
+                    tracing::warn!(function = %key, error = %e, "cannot clean up what its old settings used");
+                }
+            }
+        }
+        // What is shared (stream subjects, bindings) stays for the retained.
+        let mut shared = functions.to_vec();
+        shared.extend(self.kept.values().map(|k| Function {
+            spec: k.spec.clone(),
+            ready_replicas: None,
+        }));
+        self.source.prepare(&shared).await?;
         let wanted: HashMap<FunctionKey, &Function> =
             functions.iter().map(|f| (f.key(), f)).collect();
 
@@ -534,6 +603,64 @@ impl<S: Source> Supervisor<S> {
         self.stopping.insert(key.clone(), task);
     }
 
+    /// A consumer finished winding down: a removed function is retained;
+    /// one restarted with new settings has what they no longer use cleaned up.
+    async fn stopped(&mut self, key: FunctionKey, old: Arc<FunctionSpec>, now: Option<&Function>) {
+        self.stopping.remove(&key);
+        let Some(now) = now else {
+            let retain = self.settings.retain_removed;
+            tracing::info!(function = %key, source = self.source.name(), ?retain, "function removed; what it holds is kept for it");
+            let until = tokio::time::Instant::now() + retain;
+            self.kept.insert(key, Kept { spec: old, until });
+            return;
+        };
+        let r = Retired {
+            old: &old,
+            now: Some(&now.spec),
+        };
+        if let Err(e) = self.source.retire(r).await {
+            self.engine.metrics().error(e.metric_label());
+            tracing::warn!(function = %key, error = %e, "cannot clean up after the stopped consumer");
+        }
+    }
+
+    /// When the next retained function's retention passes.
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        self.kept.values().map(|k| k.until).min()
+    }
+
+    /// Expires every retained function whose retention passed; one that
+    /// cannot be expired now is tried again later.
+    async fn expire_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<FunctionKey> = self
+            .kept
+            .iter()
+            .filter(|(_, k)| k.until <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let Some(spec) = self.kept.get(&key).map(|k| k.spec.clone()) else {
+                continue;
+            };
+            match self.source.expire(&self.engine, &spec).await {
+                Ok(moved) => {
+                    self.kept.remove(&key);
+                    let destination = spec.dead_letter_topic();
+                    tracing::info!(function = %key, source = self.source.name(), moved, destination = destination.as_deref().unwrap_or("none (dropped)"), "retention of a removed function passed; what it held was moved to its dead letters and its consumer deleted");
+                }
+                Err(e) => {
+                    self.engine.metrics().error(e.metric_label());
+                    let again = now + EXPIRE_AGAIN;
+                    tracing::error!(function = %key, source = self.source.name(), error = %e, retry_in = ?EXPIRE_AGAIN, "cannot expire a removed function; nothing is deleted");
+                    if let Some(k) = self.kept.get_mut(&key) {
+                        k.until = again;
+                    }
+                }
+            }
+        }
+    }
+
     /// After a failed connect or set-up: a configuration mistake stops
     /// everything (returned); anything else is reported and tried again
     /// after the returned pause.
@@ -575,6 +702,14 @@ impl<S: Source> Supervisor<S> {
     }
 }
 
+/// Sleeps until `at` (forever without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs `source`'s consumers for the functions of `catalog` until
 /// `shutdown`, then drains: stop taking, give back what is held, let calls
 /// finish within the drain timeout.
@@ -595,6 +730,7 @@ pub async fn run<S: Source>(
         running: HashMap::new(),
         stopping: HashMap::new(),
         stopped_tx,
+        kept: HashMap::new(),
     };
     let name = sv.source.name();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -637,6 +773,7 @@ pub async fn run<S: Source>(
             }
         }
         let lost = sv.source.lost();
+        let expiry = sv.next_expiry();
         tokio::select! {
             r = catalog.changed() => {
                 if r.is_err() {
@@ -647,12 +784,11 @@ pub async fn run<S: Source>(
                 catalog_changed = true;
             }
             Some((key, old)) = stopped_rx.recv() => {
-                sv.stopping.remove(&key);
-                let now = functions.iter().find(|f| f.key() == key).map(|f| f.spec.clone());
-                if let Err(e) = sv.source.retire(Retired { old: &old, now: now.as_deref() }).await {
-                    sv.engine.metrics().error(e.metric_label());
-                    tracing::warn!(function = %key, error = %e, "cannot clean up after the stopped consumer");
-                }
+                let now = functions.iter().find(|f| f.key() == key);
+                sv.stopped(key, old, now).await;
+            }
+            () = sleep_until(expiry), if connected && expiry.is_some() => {
+                sv.expire_due().await;
             }
             () = tokio::time::sleep(again.unwrap_or(Duration::from_secs(3600))) => {}
             () = lost, if connected => {

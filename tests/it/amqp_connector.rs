@@ -358,6 +358,47 @@ async fn a_400_is_dead_lettered_with_the_reason_then_acked() {
 }
 
 #[tokio::test]
+async fn without_a_dead_letter_setting_events_go_to_the_function_s_own_dead_letter_queue() {
+    let env = Env::start().await;
+    let f = Sink::builder()
+        .otherwise(Reply::status(400).body("no such order"))
+        .start()
+        .await;
+    let g = Sink::builder().otherwise(Reply::status(400)).start().await;
+    env.write_stack(&[
+        func("f", &f.url(), &["orders"]),
+        func("g", &g.url(), &["refunds"]).set("dead-letter", "none"),
+    ]);
+    let _connector = env.connector(&[]).await;
+    env.publish("orders", "order-3", b"order-3").await;
+    env.publish("refunds", "refund-1", b"refund-1").await;
+    let dead = env
+        .get("ebb-dead-default-f")
+        .await
+        .expect("a dead letter in the function's dead-letter queue");
+    assert_eq!(dead.delivery.data, b"order-3");
+    let h = |name| amqp_header(&dead.delivery.properties, name);
+    assert_eq!(h("ebb-dead-letter-reason").as_deref(), Some("status 400"));
+    assert_eq!(h("ebb-attempts").as_deref(), Some("1"));
+    assert_eq!(h("ebb-last-status").as_deref(), Some("400"));
+    assert_eq!(h("ebb-original-topic").as_deref(), Some("orders"));
+    assert!(
+        h("ebb-source-position").is_some_and(|p| p.starts_with("queue ebb-default-f")),
+        "{:?}",
+        h("ebb-source-position")
+    );
+    assert_eq!(h("ebb-last-response").as_deref(), Some("no such order"));
+
+    // `dead-letter: none`: dropped (acked), no dead-letter queue at all.
+    g.wait_for_calls(1, DELIVERY).await;
+    env.wait_ready_count("ebb-default-g", Some(0), DELIVERY)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(g.count(), 1, "dropped, not redelivered");
+    assert_eq!(env.ready("ebb-dead-default-g").await, None);
+}
+
+#[tokio::test]
 async fn a_killed_connector_loses_nothing() {
     let env = Env::start().await;
     // Fails until told otherwise: the message stays unacked.
