@@ -31,7 +31,7 @@ use http::HeaderMap;
 use lapin::Confirmation;
 use lapin::message::Delivery as AmqpMessage;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicGetOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };

@@ -39,14 +39,15 @@ pub fn stack_catalog(text: &str) -> Catalog {
 
 fn report(path: &Path, catalog: &Catalog) {
     for e in &catalog.errors {
-        tracing::error!(file = %path.display(), error = %e, "skipping function");
+        tracing::error!(file = %path.display(), error = %e, "invalid function settings; served on its last valid ones until fixed (skipped if it never had any)");
     }
     tracing::info!(file = %path.display(), functions = catalog.functions.len(), skipped = catalog.errors.len(), "functions loaded");
 }
 
 /// Loads `path` now (failing if it cannot be read), then polls it every
 /// `every` and publishes a new catalog when its content changes. A file that
-/// becomes unreadable keeps the last catalog, with an error in the log.
+/// becomes unreadable keeps the last catalog, with an error in the log; a
+/// function whose settings an edit breaks keeps its last valid ones.
 pub async fn watch_stack(
     path: PathBuf,
     every: Duration,
@@ -88,6 +89,7 @@ pub async fn watch_stack(
                         last = text;
                         continue;
                     }
+                    let catalog = catalog.keeping_last_good(&tx.borrow());
                     report(&path, &catalog);
                     last = text;
                     if tx.send(Arc::new(catalog)).is_err() {

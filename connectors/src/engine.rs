@@ -733,11 +733,17 @@ impl Engine {
             last_status: None,
             last_response: Bytes::new(),
         };
-        sink.publish(&destination, dead_letter_headers(event, &info), event.body.clone())
-            .await?;
+        sink.publish(
+            &destination,
+            dead_letter_headers(event, &info),
+            event.body.clone(),
+        )
+        .await?;
         self.metrics
             .dead_letters
-            .get_or_create(&FunctionLabels { function: function.clone() })
+            .get_or_create(&FunctionLabels {
+                function: function.clone(),
+            })
             .inc();
         self.outcome(&function, "dead_lettered");
         Ok(())

@@ -67,7 +67,8 @@ pub struct Metrics {
     pub delivery_limit: Family<FunctionLabels, Gauge>,
     /// `ebb_functions`: functions routed to.
     pub functions: Gauge,
-    /// `ebb_function_config_errors`: functions skipped for bad settings.
+    /// `ebb_function_config_errors`: functions with invalid settings (served
+    /// on their last valid ones, or skipped when they never had any).
     pub config_errors: Gauge,
 }
 
@@ -142,7 +143,7 @@ impl Metrics {
         registry.register("ebb_functions", "Functions routed to", m.functions.clone());
         registry.register(
             "ebb_function_config_errors",
-            "Functions skipped for bad settings",
+            "Functions with invalid settings (served on their last valid ones, or skipped)",
             m.config_errors.clone(),
         );
         m

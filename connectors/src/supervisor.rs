@@ -377,8 +377,15 @@ async fn wind_down(mut r: Running, drain: Duration) {
 }
 
 /// Which functions of `catalog` `source` serves; reports the others'
-/// errors and sets the `functions` and `config_errors` gauges.
-fn served<S: Source>(source: &S, catalog: &Catalog, metrics: &Metrics) -> Vec<Function> {
+/// errors and sets the `functions` and `config_errors` gauges. A function
+/// whose new settings do not fit the source keeps those it was served with
+/// (in `previous`) until they are fixed.
+fn served<S: Source>(
+    source: &S,
+    catalog: &Catalog,
+    previous: &[Function],
+    metrics: &Metrics,
+) -> Vec<Function> {
     let mut out = Vec::new();
     let mut bad = catalog.errors.len();
     for f in &catalog.functions {
@@ -387,7 +394,19 @@ fn served<S: Source>(source: &S, catalog: &Catalog, metrics: &Metrics) -> Vec<Fu
             Some(Ok(())) => out.push(f.clone()),
             Some(Err(why)) => {
                 bad += 1;
-                tracing::error!(function = %f.key(), source = source.name(), error = %why, "skipping function");
+                let key = f.key();
+                match previous.iter().find(|p| p.key() == key) {
+                    Some(last) => {
+                        tracing::error!(function = %key, source = source.name(), error = %why, "invalid function settings; served on its last valid ones until fixed");
+                        out.push(Function {
+                            spec: last.spec.clone(),
+                            ready_replicas: f.ready_replicas,
+                        });
+                    }
+                    None => {
+                        tracing::error!(function = %key, source = source.name(), error = %why, "skipping function");
+                    }
+                }
             }
         }
     }
@@ -754,7 +773,7 @@ pub async fn run<S: Source>(
         if connected {
             if catalog_changed {
                 let snapshot = catalog.borrow_and_update().clone();
-                functions = served(&sv.source, &snapshot, sv.engine.metrics());
+                functions = served(&sv.source, &snapshot, &functions, sv.engine.metrics());
                 catalog_changed = false;
             }
             match sv.reconcile(&functions).await {

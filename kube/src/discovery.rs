@@ -145,10 +145,11 @@ pub async fn first_catalog(rx: &mut watch::Receiver<Arc<Catalog>>) -> Option<Arc
 /// - Functions are sorted by `namespace/name`. A Deployment and a
 ///   StatefulSet with the same name: the Deployment wins, the StatefulSet is
 ///   reported as a duplicate.
-/// - A function with bad settings is skipped: its error is in
+/// - A function whose settings are invalid is reported: its error is in
 ///   [`Catalog::errors`], logged once and, with a [`Recorder`], a `Warning`
 ///   Event with reason [`INVALID_CONFIG_REASON`] is written on the object —
-///   once per distinct error, not on every resync.
+///   once per distinct error, not on every resync. Until they are fixed it
+///   is served on its last valid settings (skipped when it never had any).
 /// - List and watch failures are logged and retried with kube-runtime's
 ///   default backoff (0.8 s doubling to 30 s); discovery never gives up.
 ///
@@ -304,7 +305,7 @@ impl Discovery {
             kind = failure.workload.kind.as_str(),
             error = %failure.error,
             error_kind = failure.error.metric_label(),
-            "skipping function with invalid settings"
+            "invalid function settings; served on its last valid ones until fixed (skipped if it never had any)"
         );
         if let Some(recorder) = self.recorder.clone() {
             let reference = failure.workload.object_ref();
@@ -430,6 +431,23 @@ struct KindState {
     /// Objects of a list in progress; replaces `live` at `InitDone`.
     relist: Option<BTreeMap<ObjectKey, Observed>>,
     synced: bool,
+    /// The last valid settings of each function: one whose settings become
+    /// invalid is served on these until they are fixed.
+    last_good: BTreeMap<ObjectKey, Arc<FunctionSpec>>,
+}
+
+impl KindState {
+    fn remember(&mut self, key: &ObjectKey, observed: &Observed) {
+        match &observed.setting {
+            Ok(Some(spec)) => {
+                self.last_good.insert(key.clone(), spec.clone());
+            }
+            Ok(None) => {
+                self.last_good.remove(key);
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Everything discovery knows, fed by watch events.
@@ -470,6 +488,7 @@ impl State {
                     observed.workload.namespace.clone(),
                     observed.workload.name.clone(),
                 );
+                state.remember(&key, &observed);
                 state
                     .relist
                     .get_or_insert_with(BTreeMap::new)
@@ -478,6 +497,8 @@ impl State {
             Change::InitDone(kind) => {
                 let state = self.kind_mut(kind);
                 state.live = state.relist.take().unwrap_or_default();
+                let live = &state.live;
+                state.last_good.retain(|key, _| live.contains_key(key));
                 state.synced = true;
             }
             Change::Apply(observed) => {
@@ -486,10 +507,14 @@ impl State {
                     observed.workload.namespace.clone(),
                     observed.workload.name.clone(),
                 );
+                state.remember(&key, &observed);
                 state.live.insert(key, observed);
             }
             Change::Delete(kind, namespace, name) => {
-                self.kind_mut(kind).live.remove(&(namespace, name));
+                let state = self.kind_mut(kind);
+                let key = (namespace, name);
+                state.live.remove(&key);
+                state.last_good.remove(&key);
             }
             Change::Failed(..) => {}
         }
@@ -500,18 +525,15 @@ impl State {
         self.deployments.synced && self.statefulsets.synced
     }
 
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot<'a>(&'a self) -> Snapshot {
         let mut functions = Vec::new();
         let mut workloads = Workloads::new();
         let mut failures = Vec::new();
         let mut claimed: HashSet<&ObjectKey> = HashSet::new();
         // Deployments first: they win a name shared with a StatefulSet.
-        let all = self
-            .deployments
-            .live
-            .iter()
-            .chain(self.statefulsets.live.iter());
-        for (key, observed) in all {
+        let in_kind = |k: &'a KindState| k.live.iter().map(move |(key, o)| (key, o, &k.last_good));
+        let all = in_kind(&self.deployments).chain(in_kind(&self.statefulsets));
+        for (key, observed, last_good) in all {
             let is_function = !matches!(observed.setting, Ok(None));
             if !is_function {
                 continue;
@@ -535,10 +557,20 @@ impl State {
                     });
                     workloads.insert(observed.workload.key(), observed.workload.clone());
                 }
-                Err(error) => failures.push(Failure {
-                    workload: observed.workload.clone(),
-                    error: error.clone(),
-                }),
+                Err(error) => {
+                    // Reported, and served on its last valid settings.
+                    failures.push(Failure {
+                        workload: observed.workload.clone(),
+                        error: error.clone(),
+                    });
+                    if let Some(spec) = last_good.get(key) {
+                        functions.push(Function {
+                            spec: spec.clone(),
+                            ready_replicas: Some(observed.workload.ready_replicas),
+                        });
+                        workloads.insert(observed.workload.key(), observed.workload.clone());
+                    }
+                }
                 Ok(None) => {}
             }
         }
@@ -690,6 +722,37 @@ mod tests {
             snap.workloads["b/z"].scale_path(),
             "/apis/apps/v1/namespaces/b/deployments/z/scale"
         );
+    }
+
+    #[test]
+    fn a_function_whose_settings_break_is_served_on_its_last_valid_ones() {
+        let mut state = synced(vec![dep("a", "f", &[TOPIC], Some(1))], vec![]);
+        let good = state.snapshot().catalog.functions[0].spec.clone();
+        // Broken by an edit: reported, still served as it was, with the
+        // replicas it has now.
+        state.apply(Change::Apply(dep("a", "f", &[TOPIC, BAD], Some(2))));
+        let snap = state.snapshot();
+        assert_eq!(names(&snap.catalog), ["a/f"]);
+        assert_eq!(snap.catalog.functions[0].spec, good);
+        assert_eq!(snap.catalog.functions[0].ready_replicas, Some(2));
+        assert_eq!(snap.catalog.errors.len(), 1);
+        assert_eq!(snap.failures[0].workload.key(), "a/f");
+        assert!(snap.workloads.contains_key("a/f"), "still scaled");
+        // Across a re-list too.
+        state.apply(Change::Init(WorkloadKind::Deployment));
+        state.apply(Change::InitApply(dep("a", "f", &[TOPIC, BAD], Some(2))));
+        state.apply(Change::InitDone(WorkloadKind::Deployment));
+        assert_eq!(state.snapshot().catalog.functions[0].spec, good);
+        // Deleted: gone, and broken when it comes back means not served.
+        state.apply(Change::Delete(
+            WorkloadKind::Deployment,
+            "a".into(),
+            "f".into(),
+        ));
+        state.apply(Change::Apply(dep("a", "f", &[TOPIC, BAD], None)));
+        let snap = state.snapshot();
+        assert!(snap.catalog.functions.is_empty());
+        assert_eq!(snap.catalog.errors.len(), 1);
     }
 
     #[test]

@@ -130,6 +130,17 @@ impl ConfigError {
         }
     }
 
+    /// The [`FunctionKey`](crate::FunctionKey) of the function at fault:
+    /// `namespace/name` for annotations, a stack-file name in
+    /// [`DEFAULT_NAMESPACE`](crate::DEFAULT_NAMESPACE). `None` for file-level errors.
+    pub fn function_key(&self) -> Option<crate::FunctionKey> {
+        let f = self.function()?;
+        Some(match f.split_once('/') {
+            Some((namespace, name)) => crate::FunctionKey::new(namespace, name),
+            None => crate::FunctionKey::new(crate::DEFAULT_NAMESPACE, f),
+        })
+    }
+
     /// The key at fault, as written (the first one for a conflict).
     pub fn key(&self) -> Option<&str> {
         match self {

@@ -31,15 +31,15 @@ const READY: Duration = Duration::from_secs(30);
 const DELIVERY: Duration = Duration::from_secs(60);
 /// How often the connector reads the stack file.
 const RELOAD: &str = "200ms";
-const TOPIC: &str = "orders";
-const FUNCTION: &str = "slow";
+pub(crate) const TOPIC: &str = "orders";
+pub(crate) const FUNCTION: &str = "slow";
 /// Events of the steady stream, one every [`EVERY`].
 const STEADY: usize = 120;
 const EVERY: Duration = Duration::from_millis(20);
 /// Events of the burst while `max-inflight` changes.
 const BURST: usize = 40;
 
-enum Broker {
+pub(crate) enum Broker {
     Nats {
         _server: NatsServer,
         url: String,
@@ -57,7 +57,7 @@ enum Broker {
 }
 
 impl Broker {
-    async fn nats() -> Self {
+    pub(crate) async fn nats() -> Self {
         let server = NatsServer::start_local().await;
         let client = within(STEP, "NATS connect", async_nats::connect(server.url()))
             .await
@@ -69,7 +69,7 @@ impl Broker {
         }
     }
 
-    async fn amqp() -> Self {
+    pub(crate) async fn amqp() -> Self {
         let vhost = RabbitMq::shared().await.vhost().await;
         let (conn, channel) = vhost.channel(true).await;
         Self::Amqp {
@@ -79,7 +79,7 @@ impl Broker {
         }
     }
 
-    fn kafka() -> Self {
+    pub(crate) fn kafka() -> Self {
         let mock = KafkaMock::new();
         mock.create_topic(TOPIC, 4);
         let producer = ClientConfig::new()
@@ -89,7 +89,7 @@ impl Broker {
         Self::Kafka { mock, producer }
     }
 
-    fn connector_args(&self) -> Vec<String> {
+    pub(crate) fn connector_args(&self) -> Vec<String> {
         let v = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         match self {
             Self::Nats { url, .. } => v(&["nats", "--url", url]),
@@ -106,7 +106,7 @@ impl Broker {
     }
 
     /// The function's extra stack settings on this broker.
-    fn settings(&self, f: Func) -> Func {
+    pub(crate) fn settings(&self, f: Func) -> Func {
         match self {
             // Partition order would allow one call per partition at a time.
             Self::Kafka { .. } => f.set("kafka-ordering", "none"),
@@ -114,7 +114,7 @@ impl Broker {
         }
     }
 
-    async fn publish(&self, body: &str) {
+    pub(crate) async fn publish(&self, body: &str) {
         match self {
             Self::Nats { js, .. } => {
                 within(STEP, "JetStream publish", async {
@@ -196,7 +196,7 @@ impl Broker {
 }
 
 /// The connector's metric `name` (with its labels, as printed), if present.
-async fn metric(admin: &str, name: &str) -> Option<f64> {
+pub(crate) async fn metric(admin: &str, name: &str) -> Option<f64> {
     let r = http::request(
         hyper::Method::GET,
         &format!("http://{admin}/metrics"),

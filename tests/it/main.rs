@@ -44,6 +44,7 @@ mod kube_lease;
 mod nats_connector;
 mod nats_core;
 mod nats_kubernetes;
+mod retention;
 mod worker;
 
 /// A new integration test is a module here: a file directly under `tests/`
