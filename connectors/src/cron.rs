@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::admin::Readiness;
-use crate::engine::{Engine, InProcess, NoDeadLetters, NoReply, Target};
+use crate::engine::{Delivery, Engine, NoDeadLetters, Target};
 use crate::event::Event;
 use crate::schedule::Schedule;
 use crate::supervisor::{self, Consumer, ConsumerTask, Settings, Source};
@@ -164,50 +164,125 @@ impl Alarms {
     }
 }
 
-/// Where the last fired tick of each function is kept.
+/// Where each function's ticks are recorded: the last one whose fire
+/// finished, and the earliest one whose fire started and has not finished
+/// (fired again by whoever takes over).
 pub trait TickStore: Send + Sync {
-    /// The last fired tick of the function `key` (`namespace/name`), if recorded.
+    /// The last tick of the function `key` (`namespace/name`) whose fire
+    /// finished, if recorded.
     fn last(&self, key: &str) -> Option<DateTime<Utc>>;
-    /// Records that `key` fired its tick at `at` (may be written later, batched).
+    /// Records that `key`'s fire of the tick `at` finished: delivered,
+    /// exhausted, or skipped or replaced by the overlap policy (may be
+    /// written later, batched). Never moves [`TickStore::last`] back.
     fn record(&self, key: &str, at: DateTime<Utc>);
+    /// The earliest tick of `key` whose fire started and did not finish.
+    fn unfinished(&self, key: &str) -> Option<DateTime<Utc>>;
+    /// Sets (`None`: clears) [`TickStore::unfinished`].
+    fn set_unfinished(&self, key: &str, at: Option<DateTime<Utc>>);
 }
 
 /// Ticks kept on the leader's Lease as annotations
-/// `ebb.io/last-fired.{namespace}.{name}`, written with its renewals (at most
-/// once a second), read by the next leader.
+/// `ebb.io/last-fired.{namespace}.{name}` and `ebb.io/firing.{namespace}.{name}`,
+/// written with its renewals (at most once a second), read by the next leader.
 pub struct LeaseTicks(pub ebb_kube::LeaderHandle);
 
 fn tick_annotation(key: &str) -> String {
     ebb_kube::lease::annotation_key("ebb.io/last-fired", key)
 }
 
+fn firing_annotation(key: &str) -> String {
+    ebb_kube::lease::annotation_key("ebb.io/firing", key)
+}
+
+fn parse_tick(raw: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn tick_text(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 impl TickStore for LeaseTicks {
     fn last(&self, key: &str) -> Option<DateTime<Utc>> {
-        let raw = self.0.annotations().remove(&tick_annotation(key))?;
-        DateTime::parse_from_rfc3339(&raw)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
+        parse_tick(&self.0.annotations().remove(&tick_annotation(key))?)
     }
     fn record(&self, key: &str, at: DateTime<Utc>) {
-        let value = at.to_rfc3339_opts(SecondsFormat::Millis, true);
-        if let Err(e) = self.0.set_annotation(tick_annotation(key), value) {
+        if self.last(key).is_some_and(|last| last >= at) {
+            return;
+        }
+        if let Err(e) = self.0.set_annotation(tick_annotation(key), tick_text(at)) {
             tracing::debug!(function = %key, error = %e, "tick not recorded");
+        }
+    }
+    fn unfinished(&self, key: &str) -> Option<DateTime<Utc>> {
+        parse_tick(&self.0.annotations().remove(&firing_annotation(key))?)
+    }
+    fn set_unfinished(&self, key: &str, at: Option<DateTime<Utc>>) {
+        let r = match at {
+            Some(at) => self.0.set_annotation(firing_annotation(key), tick_text(at)),
+            None => self.0.remove_annotation(firing_annotation(key)),
+        };
+        if let Err(e) = r {
+            tracing::debug!(function = %key, error = %e, "unfinished tick not recorded");
         }
     }
 }
 
 /// A store in memory: one process, nothing survives a restart.
 #[derive(Debug, Default)]
-pub struct MemoryTicks(Mutex<BTreeMap<String, DateTime<Utc>>>);
+pub struct MemoryTicks {
+    last: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    unfinished: Mutex<BTreeMap<String, DateTime<Utc>>>,
+}
 
 impl TickStore for MemoryTicks {
     fn last(&self, key: &str) -> Option<DateTime<Utc>> {
-        self.0.lock().ok()?.get(key).copied()
+        self.last.lock().ok()?.get(key).copied()
     }
     fn record(&self, key: &str, at: DateTime<Utc>) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(key.to_string(), at);
+        if let Ok(mut m) = self.last.lock() {
+            let last = m.entry(key.to_string()).or_insert(at);
+            *last = (*last).max(at);
         }
+    }
+    fn unfinished(&self, key: &str) -> Option<DateTime<Utc>> {
+        self.unfinished.lock().ok()?.get(key).copied()
+    }
+    fn set_unfinished(&self, key: &str, at: Option<DateTime<Utc>>) {
+        if let Ok(mut m) = self.unfinished.lock() {
+            match at {
+                Some(at) => m.insert(key.to_string(), at),
+                None => m.remove(key),
+            };
+        }
+    }
+}
+
+/// The fires of one function still running, kept in its [`TickStore`] as
+/// the earliest unfinished tick.
+struct InFlight {
+    key: String,
+    ticks: Arc<dyn TickStore>,
+    running: Mutex<std::collections::BTreeSet<DateTime<Utc>>>,
+}
+
+impl InFlight {
+    fn started(&self, at: DateTime<Utc>) {
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(at);
+            self.ticks.set_unfinished(&self.key, r.first().copied());
+        }
+    }
+
+    /// The fire of `at` finished: recorded as done.
+    fn finished(&self, at: DateTime<Utc>) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&at);
+            self.ticks.set_unfinished(&self.key, r.first().copied());
+        }
+        self.ticks.record(&self.key, at);
     }
 }
 
@@ -339,20 +414,52 @@ pub fn tick_event(spec: &FunctionSpec, at: DateTime<Utc>) -> Event {
 /// What a fire does: deliver the tick's event to the function. The engine in
 /// production; tests substitute a recorder to run schedules on a paused clock.
 pub trait Fire: Send + Sync + 'static {
-    fn fire(&self, target: Arc<Target>, event: Event) -> impl Future<Output = ()> + Send;
+    fn fire(&self, target: Arc<Target>, event: Event) -> impl Future<Output = Fired> + Send;
+}
+
+/// How a fire ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fired {
+    /// Delivered, or given up on (exhausted, not retryable).
+    Done,
+    /// Given back unfinished (its function's consumer stopped while it was
+    /// held or waiting): whoever fires next fires it again.
+    Released,
+}
+
+/// A fire's delivery: settled when acked or given up on.
+struct TickDelivery(Arc<std::sync::atomic::AtomicBool>);
+
+impl Delivery for TickDelivery {
+    async fn ack(&mut self) -> Result<(), Error> {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+    async fn release(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn terminate(&mut self) -> Result<(), Error> {
+        self.ack().await
+    }
 }
 
 impl Fire for Engine {
-    async fn fire(&self, target: Arc<Target>, event: Event) {
+    async fn fire(&self, target: Arc<Target>, event: Event) -> Fired {
         // Cron has no broker: a fire that exhausts its attempts is logged
         // with its reason by the engine (there is nowhere to dead-letter it).
+        let settled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         self.deliver(
             &target,
             &event,
-            InProcess::<NoReply>::new(None),
+            TickDelivery(settled.clone()),
             &NoDeadLetters,
         )
         .await;
+        if settled.load(std::sync::atomic::Ordering::Acquire) {
+            Fired::Done
+        } else {
+            Fired::Released
+        }
     }
 }
 
@@ -372,6 +479,7 @@ async fn run_function<F: Fire>(
     c: Consumer,
     schedule: Schedule,
     mut last: Option<DateTime<Utc>>,
+    mut unfinished: Option<DateTime<Utc>>,
 ) {
     let (target, stop) = (c.target.clone(), c.stop.clone());
     let spec = target.spec.clone();
@@ -383,8 +491,24 @@ async fn run_function<F: Fire>(
     let skipped = shared.metrics.skipped.get_or_create(&label).clone();
     let replaced = shared.metrics.replaced.get_or_create(&label).clone();
     let mut running: Vec<(CancellationToken, tokio::task::JoinHandle<()>)> = Vec::new();
+    let in_flight = Arc::new(InFlight {
+        key: target.key.clone(),
+        ticks: shared.ticks.clone(),
+        running: Mutex::default(),
+    });
 
     loop {
+        // A tick whose fire was cut off (a leader stopped during its call)
+        // fires again first, with the same `ce-id`, however late.
+        if let Some(at) = unfinished.take() {
+            tracing::info!(function = %target.key, tick = %at, "firing again a tick whose fire did not finish");
+            last = last.max(Some(at));
+            let cancel = CancellationToken::new();
+            let task = spawn_fire(&c, &shared, &in_flight, &cancel, at, tick_event(&spec, at));
+            running.push((cancel, task));
+            fires.inc();
+            continue;
+        }
         let now = shared.clock.now();
         // Ticks due since the last one handled: after a start, a failover or
         // a slow wake-up. (Usually none: the next tick is still ahead.)
@@ -451,23 +575,43 @@ async fn run_function<F: Fire>(
         }
         let error = (shared.clock.now() - at).to_std().unwrap_or_default();
         let cancel = CancellationToken::new();
-        let task = {
-            let (shared, target, cancel) = (shared.clone(), target.clone(), cancel.clone());
-            c.tracker.spawn(async move {
-                tokio::select! {
-                    () = shared.firer.fire(target, event) => {}
-                    () = cancel.cancelled() => {}
-                }
-            })
-        };
+        let task = spawn_fire(&c, &shared, &in_flight, &cancel, at, event);
         running.push((cancel, task));
         // The rest waits until the other functions due now have fired too.
         tokio::task::yield_now().await;
         shared.metrics.firing_error.observe(error.as_secs_f64());
         fires.inc();
-        // Recorded once fired, so a new leader does not fire it again.
-        shared.ticks.record(&target.key, at);
     }
+}
+
+/// Fires the tick `at` in the consumer's tracker: marked unfinished until
+/// its delivery finished (or was replaced), then recorded as done. A fire
+/// given back unfinished stays marked, for whoever fires next.
+fn spawn_fire<F: Fire>(
+    c: &Consumer,
+    shared: &Arc<Shared<F>>,
+    in_flight: &Arc<InFlight>,
+    cancel: &CancellationToken,
+    at: DateTime<Utc>,
+    event: Event,
+) -> tokio::task::JoinHandle<()> {
+    in_flight.started(at);
+    let (shared, target, cancel, in_flight) = (
+        shared.clone(),
+        c.target.clone(),
+        cancel.clone(),
+        in_flight.clone(),
+    );
+    c.tracker.spawn(async move {
+        let fired = tokio::select! {
+            fired = shared.firer.fire(target, event) => fired,
+            // Replaced (concurrency: replace) counts as finished.
+            () = cancel.cancelled() => Fired::Done,
+        };
+        if fired == Fired::Done {
+            in_flight.finished(at);
+        }
+    })
 }
 
 /// How long [`run_schedules`] lets running fires finish once stopped when
@@ -498,10 +642,11 @@ impl<F: Fire> Source for CronSource<F> {
         let schedule = Schedule::parse(&expr, &c.spec.timezone)
             .map_err(|e| Error::Config(format!("function {}: {e}", c.key())))?;
         let last = self.shared.ticks.last(c.key());
-        tracing::info!(function = %c.key(), schedule = %expr, timezone = %c.spec.timezone, last_fired = ?last, "scheduling");
+        let unfinished = self.shared.ticks.unfinished(c.key());
+        tracing::info!(function = %c.key(), schedule = %expr, timezone = %c.spec.timezone, last_fired = ?last, ?unfinished, "scheduling");
         let shared = self.shared.clone();
         Ok(Box::pin(async move {
-            run_function(shared, c, schedule, last).await;
+            run_function(shared, c, schedule, last, unfinished).await;
             None
         }))
     }
@@ -717,7 +862,7 @@ mod tests {
     }
 
     impl Fire for Recorder {
-        async fn fire(&self, _target: Arc<Target>, event: Event) {
+        async fn fire(&self, _target: Arc<Target>, event: Event) -> Fired {
             self.fires
                 .lock()
                 .unwrap()
@@ -727,6 +872,7 @@ mod tests {
             let _active = Active(self);
             tokio::time::sleep(self.hold).await;
             self.finished.fetch_add(1, Ordering::SeqCst);
+            Fired::Done
         }
     }
 

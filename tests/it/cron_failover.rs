@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::sink::{Call, Sink};
+use crate::support::sink::{Call, Reply, Sink};
 use crate::support::{ChildGuard, ebb_command, free_port};
 use chrono::{DateTime, Utc};
 use ebb_kube_double::KubeApi;
@@ -16,6 +16,16 @@ use tokio::time::Instant;
 const LEASE: Duration = Duration::from_secs(2);
 
 fn replica(api: &KubeApi, dir: &std::path::Path, name: &str, admin: u16) -> ChildGuard {
+    replica_with(api, dir, name, admin, &[])
+}
+
+fn replica_with(
+    api: &KubeApi,
+    dir: &std::path::Path,
+    name: &str,
+    admin: u16,
+    extra: &[&str],
+) -> ChildGuard {
     let mut cmd = ebb_command();
     cmd.args(["connector", "cron", "--kubernetes"])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
@@ -27,6 +37,7 @@ fn replica(api: &KubeApi, dir: &std::path::Path, name: &str, admin: u16) -> Chil
             "--retry-period",
             "250ms",
         ])
+        .args(extra)
         .env("KUBECONFIG", api.kubeconfig(dir))
         .env("POD_NAME", name);
     ChildGuard::spawn(name, &mut cmd)
@@ -179,4 +190,67 @@ async fn without_a_deadline_failover_ticks_are_missed_not_fired_late() {
         o.missed_by_survivor >= 1,
         "the failover gap was not counted as missed"
     );
+}
+
+/// A leader stopped (SIGTERM) while its fire's call runs, with a drain
+/// timeout shorter than the call: the tick was never recorded as done, so the
+/// next leader fires it again, with the same `ce-id`, however late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_cut_off_by_a_stopping_leader_is_fired_again_by_the_next() {
+    let api = KubeApi::start();
+    let sink = Sink::builder()
+        .otherwise(Reply::ok().delay(Duration::from_secs(4)))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sink.url();
+    // One tick in the test's window: a repeat can only be that tick again.
+    let ann = [
+        ("ebb.io/schedule", "*/30 * * * * *"),
+        ("ebb.io/url", url.as_str()),
+    ];
+    api.apply_deployment("default", "tick", &ann, &[], 1);
+    api.set_ready_replicas("default", "tick", 1);
+    let short_drain = ["--drain-timeout", "500ms"];
+    let (admin_a, admin_b) = (free_port(), free_port());
+    let mut a = replica_with(&api, dir.path(), "replica-a", admin_a, &short_drain);
+    let mut b = replica_with(&api, dir.path(), "replica-b", admin_b, &short_drain);
+
+    sink.wait_until(Duration::from_secs(45), "a fire's call running", |s| {
+        s.inflight() == 1
+    })
+    .await;
+    // The mark that the tick is being fired reaches the Lease with the next
+    // renewal (every 250 ms here).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let leader = holder(&api).expect("a leader holds the lease");
+    let (victim, survivor) = if leader.starts_with("replica-a") {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    victim.signal(Signal::SIGTERM);
+    let status = victim.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "the leader exited with {status}");
+
+    sink.wait_for_calls(2, LEASE + Duration::from_secs(10))
+        .await;
+    let calls = sink.calls();
+    let ids: Vec<&str> = calls.iter().map(|c| c.header("ce-id").unwrap()).collect();
+    assert_eq!(ids[0], ids[1], "the same tick, fired again");
+    assert_eq!(scheduled(&calls[0]), scheduled(&calls[1]));
+    // Its call finishes this time: recorded as done, not fired a third time.
+    sink.wait_until(Duration::from_secs(10), "the second call finished", |s| {
+        s.completed() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = sink
+        .calls()
+        .iter()
+        .filter(|c| c.header("ce-id") == Some(ids[0]))
+        .count();
+    assert_eq!(again, 2, "fired once more, not more");
+    let status = survivor.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "survivor exited with {status}");
 }
