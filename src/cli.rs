@@ -212,6 +212,11 @@ struct AmqpArgs {
     /// The topic exchange topics are published to (declared durable).
     #[arg(long, env = "EBB_EXCHANGE", default_value = ebb_connectors::amqp::DEFAULT_EXCHANGE)]
     exchange: String,
+    /// How long a message may stay unacked (held, or waiting for a retry)
+    /// before it is requeued with its attempt count; keep it below RabbitMQ's
+    /// consumer_timeout (30m by default).
+    #[arg(long, env = "EBB_MAX_UNACKED", default_value = "25m", value_parser = parse_duration)]
+    max_unacked: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -935,6 +940,7 @@ async fn run_amqp(args: AmqpArgs) -> ExitCode {
         exchange: args.exchange,
         max_inflight_total: args.common.max_inflight_total as usize,
         drain_timeout: args.common.drain_timeout,
+        max_unacked: args.max_unacked,
     };
     let source = match ebb_connectors::amqp::source(cfg) {
         Ok(s) => s,

@@ -61,6 +61,11 @@ pub struct AmqpConfig {
     pub max_inflight_total: usize,
     /// How long in-flight calls may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// How long a message may stay unacked (held, or waiting for a retry)
+    /// before it is requeued with its attempt count; below RabbitMQ's
+    /// `consumer_timeout` (30 min by default), past which the broker closes
+    /// the channel.
+    pub max_unacked: Duration,
 }
 
 impl Default for AmqpConfig {
@@ -70,9 +75,20 @@ impl Default for AmqpConfig {
             exchange: DEFAULT_EXCHANGE.into(),
             max_inflight_total: 1024,
             drain_timeout: Duration::from_secs(30),
+            max_unacked: DEFAULT_MAX_UNACKED,
         }
     }
 }
+
+/// The default of [`AmqpConfig::max_unacked`]: 25 minutes.
+pub const DEFAULT_MAX_UNACKED: Duration = Duration::from_secs(25 * 60);
+
+/// Headers ebb writes on a message it requeues: the attempt it comes back
+/// as, no call before this instant (Unix milliseconds), and the topic it
+/// was published to (a requeued message is routed to its queue directly).
+const ATTEMPT_HEADER: &str = "ebb-attempt";
+const RETRY_AT_HEADER: &str = "ebb-retry-at";
+const TOPIC_HEADER: &str = "ebb-topic";
 
 /// The AMQP binding key of a (NATS-style) topic.
 pub fn binding_key(topic: &str) -> String {
@@ -236,22 +252,32 @@ fn event_id(msg: &AmqpMessage) -> String {
 
 /// The event of an AMQP message taken from `queue`.
 fn amqp_event(msg: &AmqpMessage, queue: &str) -> Event {
+    let mut headers = http_headers(&msg.properties);
+    for internal in [ATTEMPT_HEADER, RETRY_AT_HEADER, TOPIC_HEADER] {
+        headers.remove(internal);
+    }
     Event {
         id: event_id(msg),
         source: format!("/ebb/amqp/{queue}"),
         kind: "io.ebb.amqp.message".into(),
-        topic: msg.routing_key.as_str().to_owned(),
+        topic: header_text(&msg.properties, TOPIC_HEADER)
+            .unwrap_or_else(|| msg.routing_key.as_str().to_owned()),
         time: event_time(&msg.properties),
-        headers: http_headers(&msg.properties),
+        headers,
         body: Bytes::from(msg.data.clone()),
         position: format!("queue {queue} delivery tag {}", msg.delivery_tag),
     }
 }
 
-/// The attempt number of a message: quorum queues count earlier deliveries
-/// in `x-delivery-count`; classic queues only say whether it is a
-/// redelivery, which the connector's own retries do not need.
+/// The attempt number of a message: the one it was requeued as
+/// (`ebb-attempt`, else 1) plus its earlier deliveries as quorum queues count
+/// them in `x-delivery-count` (classic queues only say whether it is a
+/// redelivery, which the connector's own retries do not need).
 fn attempt_of(msg: &AmqpMessage) -> u32 {
+    let base = header_text(&msg.properties, ATTEMPT_HEADER)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
     let count = msg
         .properties
         .headers()
@@ -265,18 +291,28 @@ fn attempt_of(msg: &AmqpMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(0);
-    count.saturating_add(1)
+    base.saturating_add(count)
 }
 
 /// An AMQP message being delivered. Retries wait in the engine while the
-/// message stays unacked; nothing is extended (RabbitMQ's consumer timeout
-/// is 30 minutes by default).
+/// message stays unacked, up to [`AmqpConfig::max_unacked`]; a longer wait
+/// requeues it (RabbitMQ's consumer timeout is 30 minutes by default).
 struct AmqpDelivery {
     msg: AmqpMessage,
     attempt: u32,
-    /// Keeps the channel open until the message is settled: closing it
-    /// would requeue the message while its call still runs.
-    _channel: Channel,
+    /// Keeps the channel open until the message is settled (closing it
+    /// would requeue the message while its call still runs).
+    settling: Arc<Settling>,
+}
+
+/// What a function's consumer settles its messages with.
+struct Settling {
+    /// The channel its messages come on.
+    channel: Channel,
+    /// Where dead letters and requeued messages are published (confirmed).
+    sink: Arc<AmqpDeadLetters>,
+    queue: ShortString,
+    max_unacked: Duration,
 }
 
 /// An ack or nack that reached the channel; `Ok(false)` means the channel
@@ -314,6 +350,73 @@ impl Delivery for AmqpDelivery {
         // Dead-lettered (stored, confirmed) or given up: remove it.
         self.ack().await
     }
+    fn max_unacked(&self) -> Option<Duration> {
+        Some(self.settling.max_unacked)
+    }
+    fn not_before(&self) -> Option<Duration> {
+        let at = header_text(&self.msg.properties, RETRY_AT_HEADER)?
+            .parse::<i64>()
+            .ok()?;
+        let left = at - Utc::now().timestamp_millis();
+        u64::try_from(left).ok().map(Duration::from_millis)
+    }
+    async fn requeue(&mut self, attempt: u32, after: Duration) -> Result<(), Error> {
+        // A copy at the end of its own queue (straight to it: no other
+        // function's queue gets it), with what the next delivery needs,
+        // confirmed before the original goes.
+        let props = &self.msg.properties;
+        let mut table = props
+            .headers()
+            .as_ref()
+            .map(|t| t.inner().clone())
+            .unwrap_or_default();
+        let mut text = |name: &str, value: String| {
+            table.insert(
+                ShortString::from(name),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        };
+        text(ATTEMPT_HEADER, attempt.to_string());
+        let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+        text(RETRY_AT_HEADER, at.timestamp_millis().to_string());
+        if header_text(props, TOPIC_HEADER).is_none() {
+            text(TOPIC_HEADER, self.msg.routing_key.as_str().to_owned());
+        }
+        // The same `ce-id` and `ce-time` when it comes back.
+        let copy = props
+            .clone()
+            .with_headers(FieldTable::from(table))
+            .with_message_id(event_id(&self.msg).into())
+            .with_timestamp(
+                props
+                    .timestamp()
+                    .unwrap_or_else(|| u64::try_from(Utc::now().timestamp()).unwrap_or(0)),
+            )
+            .with_delivery_mode(2);
+        let s = &self.settling;
+        publish_props(
+            &s.sink.channel,
+            &ShortString::from(""),
+            s.queue.clone(),
+            copy,
+            &self.msg.data,
+        )
+        .await
+        .map_err(|e| Error::broker(format!("requeue to {}", s.queue), e))?;
+        self.ack().await
+    }
+}
+
+/// A header of `props` as text (a string or an integer), if present.
+fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Publishes dead letters to the exchange with confirms and `mandatory`:
@@ -346,6 +449,18 @@ async fn publish_confirmed(
     let props = amqp_properties(headers)
         .with_message_id(id.as_str().into())
         .with_timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or(0));
+    publish_props(channel, exchange, key, props, body).await
+}
+
+/// Publishes `body` with `props` (mandatory) and waits for the broker's
+/// confirm; a message no queue took is an error.
+async fn publish_props(
+    channel: &Channel,
+    exchange: &ShortString,
+    key: ShortString,
+    props: BasicProperties,
+    body: &[u8],
+) -> Result<(), String> {
     let confirm = channel
         .basic_publish(
             exchange.clone(),
@@ -613,9 +728,15 @@ impl Source for AmqpSource {
         let s = self.session()?;
         let (channel, consumer, tag, queue) =
             start_consumer(&self.exchange, s, &c.spec, c.limit.max()).await?;
-        let (sink, lost) = (s.sink.clone(), s.lost.clone());
+        let settling = Arc::new(Settling {
+            channel,
+            sink: s.sink.clone(),
+            queue: short("queue", &queue)?,
+            max_unacked: self.cfg.max_unacked,
+        });
+        let lost = s.lost.clone();
         Ok(Box::pin(async move {
-            consume(channel, consumer, tag, queue, c, sink, lost).await;
+            consume(consumer, tag, settling, c, lost).await;
             None
         }))
     }
@@ -842,14 +963,13 @@ async fn start_consumer(
 }
 
 async fn consume(
-    channel: Channel,
     mut consumer: lapin::Consumer,
     tag: String,
-    queue: String,
+    settling: Arc<Settling>,
     c: Consumer,
-    sink: Arc<AmqpDeadLetters>,
     lost: Arc<Notify>,
 ) {
+    let (channel, queue) = (&settling.channel, settling.queue.as_str());
     loop {
         // A message is taken into a call only when a slot of the function
         // is free, then one of the process; until then it waits in the
@@ -886,13 +1006,13 @@ async fn consume(
                 .await;
             break;
         };
-        let event = amqp_event(&msg, &queue);
+        let event = amqp_event(&msg, queue);
         let delivery = AmqpDelivery {
             attempt: attempt_of(&msg),
             msg,
-            _channel: channel.clone(),
+            settling: settling.clone(),
         };
-        c.deliver(Slots::new(own, any), event, delivery, sink.clone());
+        c.deliver(Slots::new(own, any), event, delivery, settling.sink.clone());
     }
     // No more deliveries to this process: what the prefetch still holds
     // goes back to the queue (before any held event is given back, so the

@@ -95,6 +95,28 @@ pub trait Delivery: Send {
     fn reply(&mut self, _body: Bytes) -> impl Future<Output = Result<(), Error>> + Send {
         async { Ok(()) }
     }
+    /// How long the source lets a message stay unacked (RabbitMQ closes
+    /// the channel of a consumer past its `consumer_timeout`); a hold or a
+    /// retry pause that would last longer hands the message back with
+    /// [`Delivery::requeue`] instead. `None` (the default): no limit.
+    fn max_unacked(&self) -> Option<Duration> {
+        None
+    }
+    /// How long to wait before the first call: what was left of a retry
+    /// pause when the message was requeued. `None` (the default): call now.
+    fn not_before(&self) -> Option<Duration> {
+        None
+    }
+    /// Puts the message back in its queue, to be delivered again as
+    /// attempt `attempt` no sooner than `after` from now, then removes this
+    /// copy (only called with a [`Delivery::max_unacked`]).
+    fn requeue(
+        &mut self,
+        _attempt: u32,
+        _after: Duration,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Err(Error::Broker("this source cannot requeue".into())) }
+    }
 }
 
 /// Where the answer of a delivered event goes (request/reply sources).
@@ -581,9 +603,21 @@ impl Engine {
         // When the broker's deadline was last extended (or the event taken):
         // calls and pauses extend it once a progress interval has passed
         // since, however short each of them is.
-        let mut extended = Instant::now();
+        let taken = Instant::now();
+        let mut extended = taken;
         let mut hold_since: Option<Instant> = None;
         let mut hold_pauses = Retrying::new(HOLD_PAUSE_FIRST, HOLD_PAUSE_MAX);
+        // What was left of a retry pause when the message was requeued.
+        if let Some(wait) = d.not_before().filter(|w| !w.is_zero()) {
+            match self
+                .wait(t, &mut d, taken, &mut extended, wait, attempt)
+                .await
+            {
+                Waited::Done => {}
+                Waited::Released => return self.release(&mut d, function, event).await,
+                Waited::Requeued => return,
+            }
+        }
         loop {
             let result = self
                 .call_extending(&mut d, &mut extended, t, event, attempt)
@@ -631,6 +665,14 @@ impl Engine {
                             return;
                         }
                         let pause = hold_pauses.next_pause();
+                        // A hold costs no attempt: requeued, it comes back
+                        // as the same one.
+                        if self
+                            .requeued_instead(&mut d, taken, pause, attempt, function)
+                            .await
+                        {
+                            return;
+                        }
                         let paused = match (&t.endpoints, hold) {
                             // None ready: go as soon as one is. (A listed
                             // replica that refused the connection waits the
@@ -680,9 +722,13 @@ impl Engine {
                         }
                         return;
                     }
-                    if !self.pause_extending(t, &mut d, &mut extended, delay).await {
-                        self.release(&mut d, function, event).await;
-                        return;
+                    match self
+                        .wait(t, &mut d, taken, &mut extended, delay, attempt + 1)
+                        .await
+                    {
+                        Waited::Done => {}
+                        Waited::Released => return self.release(&mut d, function, event).await,
+                        Waited::Requeued => return,
                     }
                     attempt += 1;
                 }
@@ -867,6 +913,63 @@ impl Engine {
     /// the interval is counted across pauses, not within each one: else no
     /// pause shorter than the interval would ever extend, and the broker
     /// would redeliver a held event after its ack wait.
+    /// Waits `pause` before the call numbered `attempt`, unless that would
+    /// keep the message unacked past its source's limit: then it is
+    /// requeued.
+    async fn wait<D: Delivery>(
+        &self,
+        t: &Target,
+        d: &mut D,
+        taken: Instant,
+        extended: &mut Instant,
+        pause: Duration,
+        attempt: u32,
+    ) -> Waited {
+        if self
+            .requeued_instead(d, taken, pause, attempt, &t.key)
+            .await
+        {
+            return Waited::Requeued;
+        }
+        if self.pause_extending(t, d, extended, pause).await {
+            Waited::Done
+        } else {
+            Waited::Released
+        }
+    }
+
+    /// Whether `d`, taken at `taken`, was handed back to its source to be
+    /// called as `attempt` after `pause`, because waiting here would keep it
+    /// unacked past the source's limit. When the requeue fails it is not:
+    /// the wait goes on (the broker gives it back if it closes the channel).
+    async fn requeued_instead<D: Delivery>(
+        &self,
+        d: &mut D,
+        taken: Instant,
+        pause: Duration,
+        attempt: u32,
+        function: &str,
+    ) -> bool {
+        let Some(max) = d.max_unacked() else {
+            return false;
+        };
+        if taken.elapsed() + pause <= max {
+            return false;
+        }
+        match d.requeue(attempt, pause).await {
+            Ok(()) => {
+                self.outcome(function, "requeued");
+                tracing::info!(function = %function, attempt, ?pause, ?max, "requeued: the wait would keep it unacked past --max-unacked");
+                true
+            }
+            Err(e) => {
+                self.metrics.error("requeue");
+                tracing::warn!(function = %function, error = %e, "cannot requeue; waiting with the message unacked");
+                false
+            }
+        }
+    }
+
     async fn pause_extending<D: Delivery>(
         &self,
         t: &Target,
@@ -890,6 +993,15 @@ impl Engine {
             }
         }
     }
+}
+
+/// How a wait before a call ended.
+enum Waited {
+    Done,
+    /// The function's consumer stopped: give the event back.
+    Released,
+    /// Handed back to the source ([`Delivery::requeue`]).
+    Requeued,
 }
 
 /// Extends the broker's deadline of `d` and notes when.

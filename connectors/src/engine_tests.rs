@@ -52,6 +52,8 @@ enum Step {
     Publish {
         ok: bool,
     },
+    /// Handed back to the source, to come again as this attempt after this wait.
+    Requeue(u32, Duration),
 }
 
 /// Steps with the paused instant of each, relative to the test's start.
@@ -114,6 +116,8 @@ struct Fake {
     attempt: u32,
     redelivers: bool,
     progress: Option<Duration>,
+    max_unacked: Option<Duration>,
+    not_before: Option<Duration>,
     fails: Vec<Settle>,
     tl: Timeline,
 }
@@ -126,9 +130,23 @@ impl Fake {
             attempt: 1,
             redelivers: false,
             progress: None,
+            max_unacked: None,
+            not_before: None,
             fails: Vec::new(),
             tl: tl.clone(),
         }
+    }
+
+    /// A source that must not keep a message unacked longer (RabbitMQ).
+    fn max_unacked(mut self, max: Duration) -> Self {
+        self.max_unacked = Some(max);
+        self
+    }
+
+    /// A requeued message with this much of its retry pause left.
+    fn not_before(mut self, wait: Duration) -> Self {
+        self.not_before = Some(wait);
+        self
     }
 
     /// A source that redelivers what is given back with a delay (JetStream).
@@ -189,6 +207,15 @@ impl Delivery for Fake {
     }
     async fn reply(&mut self, body: Bytes) -> Result<(), Error> {
         self.settle(Step::Reply(body), None)
+    }
+    fn max_unacked(&self) -> Option<Duration> {
+        self.max_unacked
+    }
+    fn not_before(&self) -> Option<Duration> {
+        self.not_before
+    }
+    async fn requeue(&mut self, attempt: u32, after: Duration) -> Result<(), Error> {
+        self.settle(Step::Requeue(attempt, after), None)
     }
 }
 
@@ -1050,6 +1077,83 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
             "{value}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_pause_past_the_unacked_limit_requeues_as_the_next_attempt() {
+    let tl = Timeline::new();
+    let url = function(&tl, vec![answer(503).header("retry-after", "600")]).await;
+    let s = setup(spec(&url), config(), None);
+    s.deliver(Fake::new(&tl).max_unacked(secs(120)), &Sink::new(&tl))
+        .await;
+    // Handed back at once with the whole pause: never held unacked for it.
+    assert_eq!(
+        tl.steps(),
+        [(ms(0), Step::Call(1)), (ms(0), Step::Requeue(2, secs(600)))]
+    );
+    assert_eq!(s.outcome("requeued"), 1);
+
+    // A pause that fits stays in the engine.
+    let tl = Timeline::new();
+    let url = function(
+        &tl,
+        vec![answer(503).header("retry-after", "7"), answer(200)],
+    )
+    .await;
+    let s = setup(spec(&url), config(), None);
+    s.deliver(Fake::new(&tl).max_unacked(secs(120)), &Sink::new(&tl))
+        .await;
+    assert_eq!(tl.when(|s| *s == Step::Call(2)), [secs(7)]);
+    assert_eq!(s.outcome("requeued"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requeued_message_waits_what_was_left_of_its_pause() {
+    let tl = Timeline::new();
+    let url = function(&tl, vec![answer(200)]).await;
+    let s = setup(spec(&url), config(), None);
+    s.deliver(
+        Fake::new(&tl)
+            .attempt(2)
+            .max_unacked(secs(120))
+            .not_before(secs(30)),
+        &Sink::new(&tl),
+    )
+    .await;
+    assert_eq!(tl.when(|s| *s == Step::Call(2)), [secs(30)]);
+
+    // Longer than the limit: handed back again, same attempt, what is left.
+    let tl = Timeline::new();
+    let url = function(&tl, vec![answer(200)]).await;
+    let s = setup(spec(&url), config(), None);
+    s.deliver(
+        Fake::new(&tl)
+            .attempt(2)
+            .max_unacked(secs(120))
+            .not_before(secs(500)),
+        &Sink::new(&tl),
+    )
+    .await;
+    assert_eq!(tl.steps(), [(ms(0), Step::Requeue(2, secs(500)))]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_past_the_unacked_limit_requeues_as_the_same_attempt() {
+    let tl = Timeline::new();
+    // Bound, never listening: every call is refused, a hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let url = format!("http://{}/f", socket.local_addr().unwrap());
+    let mut cfg = config();
+    cfg.hold_timeout = secs(3600);
+    let s = setup(spec(&url), cfg, None);
+    s.deliver(Fake::new(&tl).max_unacked(secs(10)), &Sink::new(&tl))
+        .await;
+    let steps = tl.steps();
+    let (at, last) = steps.last().cloned().expect("a step");
+    assert!(matches!(last, Step::Requeue(1, _)), "{steps:?}");
+    assert!(at <= secs(10), "requeued within the limit: {steps:?}");
+    assert_eq!(s.outcome("requeued"), 1);
 }
 
 // ---------------------------------------------------------------------------

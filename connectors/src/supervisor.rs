@@ -161,6 +161,10 @@ pub struct Consumer {
     pub tracker: TaskTracker,
     /// Cancelled when it must stop taking messages.
     pub stop: CancellationToken,
+    /// Cancelled when its connection was lost: its deliveries end at once,
+    /// their slots freed and their outcome dropped (the broker gives their
+    /// messages to a consumer again).
+    pub abandoned: CancellationToken,
 }
 
 /// A slot of the function and one of the process, held for one delivery.
@@ -227,11 +231,15 @@ impl Consumer {
         S: DeadLetterSink + 'static,
     {
         let (engine, target) = (self.engine.clone(), self.target.clone());
+        let abandoned = self.abandoned.clone();
         async move {
             let _slots = slots;
-            engine
-                .deliver(&target, &event, delivery, sink.as_ref())
-                .await;
+            tokio::select! {
+                () = engine.deliver(&target, &event, delivery, sink.as_ref()) => {}
+                () = abandoned.cancelled() => {
+                    tracing::debug!(function = %target.key, position = %event.position, "delivery abandoned with its connection");
+                }
+            }
         }
     }
 
@@ -344,6 +352,7 @@ struct Running {
     target: Arc<Target>,
     limit: Arc<Limit>,
     stop: CancellationToken,
+    abandoned: CancellationToken,
     tracker: TaskTracker,
     task: JoinHandle<Finish>,
 }
@@ -541,6 +550,7 @@ impl<S: Source> Supervisor<S> {
                 .own_limit(f)
                 .unwrap_or_else(|| Limit::new(limit_for(&f.spec, f.ready_replicas)));
             let stop = CancellationToken::new();
+            let abandoned = CancellationToken::new();
             let tracker = TaskTracker::new();
             let consumer = Consumer {
                 spec: f.spec.clone(),
@@ -550,6 +560,7 @@ impl<S: Source> Supervisor<S> {
                 engine: self.engine.clone(),
                 tracker: tracker.clone(),
                 stop: stop.clone(),
+                abandoned: abandoned.clone(),
             };
             match self.source.start(consumer).await {
                 Ok(task) => {
@@ -569,6 +580,7 @@ impl<S: Source> Supervisor<S> {
                             target,
                             limit,
                             stop,
+                            abandoned,
                             tracker,
                             task: tokio::spawn(task),
                         },
@@ -710,11 +722,13 @@ impl<S: Source> Supervisor<S> {
         }
     }
 
-    /// After a lost connection: consumers stop taking and their held events
-    /// are given back; calls still running finish in the background (their
-    /// acks go nowhere: the broker already took the messages back).
+    /// After a lost connection: consumers stop taking, and their deliveries
+    /// end at once (calls cut, slots freed, outcomes dropped): the broker
+    /// already took their messages back, and an outcome would go to a
+    /// closed channel.
     async fn abandon_all(&mut self) {
         for (_, r) in self.running.drain() {
+            r.abandoned.cancel();
             let drain = self.settings.drain_timeout;
             tokio::spawn(wind_down(r, drain));
         }

@@ -189,6 +189,74 @@ impl Connector {
     async fn wait_ready(&mut self) {
         wait_ready(&mut self.child, &self.admin, READY).await;
     }
+
+    /// Waits until the metric `series` (name and labels, as printed) reads
+    /// `want`.
+    async fn wait_metric(&self, series: &str, want: f64) {
+        let deadline = Instant::now() + DELIVERY;
+        loop {
+            let text = crate::support::http::request(
+                hyper::Method::GET,
+                &format!("http://{}/metrics", self.admin),
+                None,
+                None,
+                STEP,
+            )
+            .await
+            .expect("GET /metrics")
+            .text();
+            let got = text.lines().find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            });
+            if got == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{series} is {got:?}, not {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Closes the connector's connection from the broker's side, as a node
+/// restart or an operator would.
+async fn close_connector_connection(env: &Env) {
+    let rabbit = RabbitMq::shared().await;
+    let path = format!("/api/vhosts/{}/connections", env.vhost.name());
+    let deadline = Instant::now() + DELIVERY;
+    let name = loop {
+        let list = rabbit
+            .management(hyper::Method::GET, &path, None)
+            .await
+            .json();
+        let found = list.as_array().and_then(|cs| {
+            cs.iter().find_map(|c| {
+                (c["client_properties"]["connection_name"] == "ebb-connector-amqp")
+                    .then(|| c["name"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        });
+        if let Some(name) = found {
+            break name;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection of the connector in {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let encoded = percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC);
+    let closed = rabbit
+        .management(
+            hyper::Method::DELETE,
+            &format!("/api/connections/{encoded}"),
+            None,
+        )
+        .await;
+    assert!(closed.status.is_success(), "close: {}", closed.status);
 }
 
 /// A text header of an AMQP message.
@@ -517,7 +585,7 @@ async fn an_existing_queue_is_consumed_as_it_is() {
 }
 
 #[tokio::test]
-async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue_once_empty() {
+async fn a_stack_edit_rebinds_and_a_removed_function_s_queue_goes_after_its_retention() {
     let env = Env::start().await;
     let (f, g) = (Sink::start().await, Sink::start().await);
     let slow = Sink::builder()
@@ -529,7 +597,9 @@ async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue_once_empty(
         func("g", &g.url(), &["keep"]),
         func("h", &slow.url(), &["slow"]).set("max-inflight", "1"),
     ]);
-    let _connector = env.connector(&["--reload-interval", "100ms"]).await;
+    let _connector = env
+        .connector(&["--reload-interval", "100ms", "--retain-removed", "4s"])
+        .await;
     env.publish("old", "1", b"1").await;
     f.wait_for_calls(1, DELIVERY).await;
     for i in 0..3 {
@@ -537,12 +607,11 @@ async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue_once_empty(
     }
     slow.wait_for_calls(1, DELIVERY).await;
 
-    // g and h removed: g's empty queue is deleted; h's backlog is kept
-    // (unbound), and its call in flight finishes and is acked.
+    // g and h removed: both queues are kept for the retention (h's call in
+    // flight finishes and is acked; its backlog waits); then g's empty
+    // queue is deleted, and h's backlog goes to its dead letters before its
+    // queue is deleted.
     env.write_stack(&[func("f", &f.url(), &["new"])]);
-    env.wait_ready_count("ebb-default-g", None, DELIVERY).await;
-    env.wait_ready_count("ebb-default-h", Some(2), DELIVERY)
-        .await;
     slow.wait_until(DELIVERY, "the call in flight", |s| s.completed() == 1)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -550,6 +619,19 @@ async fn a_stack_edit_rebinds_and_a_removed_function_loses_its_queue_once_empty(
         env.ready("ebb-default-h").await,
         Some(2),
         "kept, nothing requeued"
+    );
+    assert_eq!(
+        env.ready("ebb-default-g").await,
+        Some(0),
+        "kept while retained"
+    );
+    env.wait_ready_count("ebb-default-g", None, DELIVERY).await;
+    env.wait_ready_count("ebb-default-h", None, DELIVERY).await;
+    assert_eq!(env.ready("ebb-dead-default-h").await, Some(2));
+    let dead = env.get("ebb-dead-default-h").await.expect("a dead letter");
+    assert_eq!(
+        amqp_header(&dead.delivery.properties, "ebb-dead-letter-reason").as_deref(),
+        Some("function removed")
     );
     assert_eq!(slow.count(), 1);
     env.publish("new", "2", b"2").await;
@@ -690,47 +772,12 @@ async fn a_missing_queue_is_reported_and_the_other_functions_served() {
 #[tokio::test]
 async fn the_connector_reconnects_after_the_broker_closes_its_connection() {
     let env = Env::start().await;
-    let rabbit = RabbitMq::shared().await;
     let f = Sink::start().await;
     env.write_stack(&[func("f", &f.url(), &["jobs"])]);
     let _connector = env.connector(&[]).await;
     env.publish("jobs", "before", b"1").await;
     f.wait_for_calls(1, DELIVERY).await;
-
-    // Close the connector's connection from the broker's side, as a node
-    // restart or an operator would.
-    let path = format!("/api/vhosts/{}/connections", env.vhost.name());
-    let deadline = Instant::now() + DELIVERY;
-    let name = loop {
-        let list = rabbit
-            .management(hyper::Method::GET, &path, None)
-            .await
-            .json();
-        let found = list.as_array().and_then(|cs| {
-            cs.iter().find_map(|c| {
-                (c["client_properties"]["connection_name"] == "ebb-connector-amqp")
-                    .then(|| c["name"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        });
-        if let Some(name) = found {
-            break name;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no connection of the connector in {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let encoded = percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC);
-    let closed = rabbit
-        .management(
-            hyper::Method::DELETE,
-            &format!("/api/connections/{encoded}"),
-            None,
-        )
-        .await;
-    assert!(closed.status.is_success(), "close: {}", closed.status);
+    close_connector_connection(&env).await;
 
     // Published while it reconnects: the queue keeps it.
     env.publish("jobs", "after", b"2").await;
@@ -743,4 +790,91 @@ async fn the_connector_reconnects_after_the_broker_closes_its_connection() {
         .filter_map(|c| c.header("ce-id").map(str::to_owned))
         .collect();
     assert_eq!(ids, ["before", "after"]);
+}
+
+#[tokio::test]
+async fn a_closed_connection_frees_its_deliveries_at_once_and_the_message_comes_again() {
+    let env = Env::start().await;
+    // The first call is slow (longer than finding the connection to close
+    // takes: the management API lists it after a few seconds) and then
+    // fails; later ones succeed.
+    let f = Sink::builder()
+        .reply(Reply::status(500).delay(Duration::from_secs(40)))
+        .otherwise(Reply::ok())
+        .start()
+        .await;
+    env.write_stack(&[func("f", &f.url(), &["jobs"])]);
+    let connector = env.connector(&[]).await;
+    env.publish("jobs", "slow-1", b"1").await;
+    f.wait_until(DELIVERY, "the slow call", |s| s.inflight() == 1)
+        .await;
+
+    close_connector_connection(&env).await;
+    let closed = Instant::now();
+    // Its delivery ended with the channel (its call cut, its slot freed, no
+    // outcome sent to a closed channel), not when the call would answer.
+    connector
+        .wait_metric(r#"ebb_delivery_inflight{function="default/f"}"#, 0.0)
+        .await;
+    assert!(
+        closed.elapsed() < Duration::from_secs(20),
+        "freed only after {:?}",
+        closed.elapsed()
+    );
+
+    // The broker gave the message back: delivered after the reconnect.
+    f.wait_for_calls(2, Duration::from_secs(30)).await;
+    connector
+        .wait_metric(
+            r#"ebb_deliveries_total{function="default/f",outcome="delivered"}"#,
+            1.0,
+        )
+        .await;
+    let calls = f.calls();
+    assert_eq!(calls[1].header("ce-id"), Some("slow-1"));
+    env.wait_ready_count("ebb-default-f", Some(0), DELIVERY)
+        .await;
+    assert_eq!(
+        env.ready("ebb-dead-default-f").await,
+        Some(0),
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test]
+async fn a_message_retried_past_max_unacked_is_requeued_with_its_attempt_count() {
+    let env = Env::start().await;
+    // Two failures asking for a 3 s pause each, then success.
+    let f = Sink::builder()
+        .replies([
+            Reply::status(503).header("retry-after", "3"),
+            Reply::status(503).header("retry-after", "3"),
+        ])
+        .otherwise(Reply::ok())
+        .start()
+        .await;
+    env.write_stack(&[func("f", &f.url(), &["jobs"]).set("max-attempts", "5")]);
+    let _connector = env.connector(&["--max-unacked", "2s"]).await;
+    env.publish("jobs", "retry-1", b"payload").await;
+    f.wait_for_calls(3, DELIVERY).await;
+    let calls = f.calls();
+    let attempts: Vec<u32> = calls.iter().map(|c| c.attempt()).collect();
+    assert_eq!(attempts, [1, 2, 3], "the attempt count survives a requeue");
+    for c in &calls {
+        assert_eq!(c.header("ce-id"), Some("retry-1"));
+        assert_eq!(c.header("ce-type"), Some("io.ebb.amqp.message"));
+        assert_eq!(c.body.as_ref(), b"payload");
+        assert!(
+            c.header("ebb-retry-at").is_none() && c.header("ebb-topic").is_none(),
+            "ebb's own headers stay with ebb"
+        );
+    }
+    // The pause was kept across the requeue.
+    assert!(
+        calls[1].at - calls[0].at >= Duration::from_millis(2900),
+        "{:?}",
+        calls[1].at - calls[0].at
+    );
+    env.wait_ready_count("ebb-default-f", Some(0), DELIVERY)
+        .await;
 }
