@@ -438,6 +438,12 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         ),
         None => None,
     };
+    if matches!(cfg.rabbitmq, Some(RabbitSource::Amqp(_))) && cfg.worker_inflight.is_none() {
+        tracing::warn!(
+            "RabbitMQ read by passive declare counts ready messages only: its functions are not \
+             scaled to zero (calls in flight are unseen); use --amqp-management or --worker-inflight"
+        );
+    }
     let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
         crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
     });

@@ -154,6 +154,9 @@ struct Read {
     queues: Vec<(f64, Option<u64>)>,
     position: Option<u64>,
     cap: Option<u32>,
+    /// A queue input blind to calls in flight, when no in-flight input is
+    /// read ([`ScaleSpec::in_flight_unseen`]).
+    in_flight_unseen: Option<&'static str>,
 }
 
 /// The poll loop's body: the scalers, the policy's memory and the metrics.
@@ -237,7 +240,10 @@ impl<W: Send + Sync> Poller<W> {
         }
         let finished = policy::finished_of(&read.queues);
         let current = counts.current;
-        let spec = ScaleSpec::from_function(f);
+        let spec = ScaleSpec {
+            in_flight_unseen: read.in_flight_unseen,
+            ..ScaleSpec::from_function(f)
+        };
         let now = Instant::now();
         let mut observed = Observed {
             inputs: read.inputs,
@@ -307,6 +313,7 @@ impl<W: Send + Sync> Poller<W> {
             let inflight = self.scalers.iter().filter(|s| s.role() == Role::InFlight);
             for s in inflight.filter(|s| s.serves(f)) {
                 self.read_one(&mut read, &**s, f, w, key).await;
+                read.in_flight_unseen = None; // the in-flight input sees them
             }
         }
         for i in &read.inputs {
@@ -337,6 +344,9 @@ impl<W: Send + Sync> Poller<W> {
                 if s.role() == Role::Queue {
                     read.queues.push((r.value, r.finished));
                     read.position = read.position.or(r.position);
+                    if r.in_flight_unseen {
+                        read.in_flight_unseen = read.in_flight_unseen.or(Some(name));
+                    }
                 }
                 if let Some(cap) = r.cap {
                     read.cap = Some(read.cap.map_or(cap, |c| c.min(cap)));
@@ -575,6 +585,47 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
         }
         assert_eq!(target.applied(), [("jobs".to_owned(), 1, 0)]);
+    }
+
+    /// RabbitMQ by passive declare reads 0 ready while every message is
+    /// in flight: never 1 → 0 on it alone; with the in-flight input read
+    /// (here 0) the function goes to zero after scale-to-zero-after (10 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_blind_to_calls_in_flight_does_not_scale_to_zero_alone() {
+        for (with_inflight, want) in [(false, vec![]), (true, vec![("busy".to_owned(), 1, 0)])] {
+            let (queue, q) = fixed("rabbitmq", Role::Queue);
+            let (inflight, i) = fixed("inflight", Role::InFlight);
+            *q.lock().unwrap() = Ok(Reading {
+                in_flight_unseen: true,
+                ..Reading::default()
+            });
+            *i.lock().unwrap() = value(0.0);
+            let scalers = if with_inflight {
+                vec![queue, inflight]
+            } else {
+                vec![queue]
+            };
+            let poller = poller(scalers);
+            let target = Target::with(&[("busy", 1)]);
+            let functions = [function("busy", &["b"])];
+            let mut last = None;
+            for _ in 0..60 {
+                last = poller.poll(&target, &functions).await.pop();
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+            assert_eq!(
+                target.applied(),
+                want,
+                "in-flight input read: {with_inflight}"
+            );
+            let reason = last.expect("a step").decision.reason;
+            let want = if with_inflight {
+                "idle"
+            } else {
+                "in_flight_unseen"
+            };
+            assert_eq!(reason.label(), want);
+        }
     }
 
     #[tokio::test(start_paused = true)]
