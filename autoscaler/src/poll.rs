@@ -68,6 +68,8 @@ pub struct Metrics {
     scaler_errors: Family<ScalerLabel, Counter>,
     patches: Family<FnLabel, Counter>,
     patch_errors: Family<FnLabel, Counter>,
+    /// Counts decided from a stale read and decided again.
+    stale: Family<FnLabel, Counter>,
     /// One poll over every function.
     poll_duration: Histogram,
 }
@@ -82,6 +84,7 @@ impl Metrics {
             scaler_errors: Family::default(),
             patches: Family::default(),
             patch_errors: Family::default(),
+            stale: Family::default(),
             poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         r.register(
@@ -120,6 +123,11 @@ impl Metrics {
             m.patch_errors.clone(),
         );
         r.register(
+            "ebb_autoscaler_stale_decisions",
+            "Counts decided from a workload that changed before the scale was written (409), decided again",
+            m.stale.clone(),
+        );
+        r.register(
             "ebb_autoscaler_poll_duration_seconds",
             "One poll: every function's inputs read, its count decided and applied",
             m.poll_duration.clone(),
@@ -127,6 +135,11 @@ impl Metrics {
         m
     }
 }
+
+/// Decisions found stale ([`Applied::Stale`]) that one poll decides again
+/// for a function, after reading it afresh; past them it waits for the next
+/// poll.
+const REDECIDE: u32 = 3;
 
 /// One function's step, as the policy saw and decided it.
 #[derive(Debug, Clone)]
@@ -139,7 +152,7 @@ pub struct Step {
 }
 
 /// What the poll keeps of a function between polls.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct FnState {
     policy: PolicyState,
     /// The last position (or finished count) read, for the activity rule.
@@ -239,7 +252,6 @@ impl<W: Send + Sync> Poller<W> {
             return (Some(w), None); // nothing to scale by (e.g. a cron-only function)
         }
         let finished = policy::finished_of(&read.queues);
-        let current = counts.current;
         let spec = ScaleSpec {
             in_flight_unseen: read.in_flight_unseen,
             ..ScaleSpec::from_function(f)
@@ -247,52 +259,85 @@ impl<W: Send + Sync> Poller<W> {
         let now = Instant::now();
         let mut observed = Observed {
             inputs: read.inputs,
-            current,
+            current: counts.current,
             cap: read.cap,
             activity: false,
         };
-        let decision = {
-            let mut states = self.lock();
-            let st = states.entry(key.clone()).or_default();
-            // Work done since the last poll: a queue's delivered position,
-            // or else the finished count, moved.
-            observed.activity = policy::moved(&mut st.position, read.position.or(finished));
-            policy::decide_with(
-                &observed,
-                // Ready replicas and finished messages let the policy size
-                // by measured rates instead of chasing a backlog that grows
-                // while replicas start.
-                Serving {
-                    ready: counts.ready,
-                    delivered: finished,
-                },
-                &spec,
-                &mut st.policy,
-                now,
-            )
+        let label = FnLabel {
+            function: key.clone(),
         };
-        self.record(&key, current, &decision);
-        if let Some(to) = decision.replicas {
+        let (mut w, mut counts) = (w, counts);
+        let mut redecided = 0;
+        let decision = loop {
+            observed.current = counts.current;
+            let (decision, before) = {
+                let mut states = self.lock();
+                let st = states.entry(key.clone()).or_default();
+                // Kept to decide again from a fresh read if this decision
+                // turns out stale.
+                let before = st.clone();
+                // Work done since the last poll: a queue's delivered position,
+                // or else the finished count, moved.
+                observed.activity = policy::moved(&mut st.position, read.position.or(finished));
+                let decision = policy::decide_with(
+                    &observed,
+                    // Ready replicas and finished messages let the policy size
+                    // by measured rates instead of chasing a backlog that grows
+                    // while replicas start.
+                    Serving {
+                        ready: counts.ready,
+                        delivered: finished,
+                    },
+                    &spec,
+                    &mut st.policy,
+                    now,
+                );
+                (decision, before)
+            };
+            let Some(to) = decision.replicas else {
+                break decision;
+            };
             let change = Change {
-                from: current,
+                from: counts.current,
                 to,
                 reason: &decision.reason,
                 seen,
-            };
-            let label = FnLabel {
-                function: key.clone(),
             };
             match target.apply(f, &w, change).await {
                 Ok(Applied::Done) => {
                     self.metrics.patches.get_or_create(&label).inc();
                 }
                 Ok(Applied::LeftAlone) => {}
+                Ok(Applied::Stale) => {
+                    // Decided from a count (or version) that changed since:
+                    // forget this decision, read again, decide anew.
+                    self.metrics.stale.get_or_create(&label).inc();
+                    self.lock().insert(key.clone(), before);
+                    redecided += 1;
+                    let fresh = if redecided <= REDECIDE {
+                        target.reread(f, &w).await
+                    } else {
+                        None
+                    };
+                    if let Some((fresh_w, fresh_counts)) = fresh {
+                        (w, counts) = (fresh_w, fresh_counts);
+                        continue;
+                    }
+                    tracing::warn!(function = %key, "the count kept changing; deciding at the next poll");
+                    break policy::Decision {
+                        replicas: None,
+                        reason: decision.reason,
+                    };
+                }
                 Err(e) => {
                     self.metrics.patch_errors.get_or_create(&label).inc();
                     tracing::warn!(function = %key, error = %e, "cannot scale");
                 }
             }
-        }
+            break decision;
+        };
+        let current = counts.current;
+        self.record(&key, current, &decision);
         let step = Step {
             function: f.clone(),
             inputs: observed.inputs,
@@ -448,9 +493,12 @@ mod tests {
     }
 
     /// Replicas of the functions it lists; records every change applied.
+    /// A count in `lagging` is what a function's workload still reads as
+    /// (a stale snapshot): a change decided from it is [`Applied::Stale`].
     #[derive(Default)]
     struct Target {
         counts: Mutex<HashMap<String, u32>>,
+        lagging: Mutex<HashMap<String, u32>>,
         applied: Mutex<Vec<(String, u32, u32)>>,
     }
 
@@ -473,6 +521,15 @@ mod tests {
         type Error = std::convert::Infallible;
 
         async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+            let lagging = self.lagging.lock().unwrap().get(&f.name).copied();
+            if let Some(current) = lagging {
+                let ready = Some(current);
+                return Some(((), ReplicaCounts { current, ready }));
+            }
+            self.reread(f, &()).await
+        }
+
+        async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
             let current = *self.counts.lock().unwrap().get(&f.name)?;
             Some((
                 (),
@@ -484,6 +541,10 @@ mod tests {
         }
 
         async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {
+            if self.counts.lock().unwrap().get(&f.name) != Some(&change.from) {
+                return Ok(Applied::Stale);
+            }
+            self.lagging.lock().unwrap().remove(&f.name);
             self.counts
                 .lock()
                 .unwrap()
@@ -656,6 +717,63 @@ mod tests {
         }
         // On a tie the later queue counts: `large` never moved, so idle.
         assert_eq!(target.applied(), [("f".to_owned(), 1, 0)]);
+    }
+
+    /// The workload reads 1 replica but has 2: the change decided from 1
+    /// (1 → 5, rate-capped) is stale; read again, 2 → 6 is decided and
+    /// applied, with the policy's memory as if the stale one never was.
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_from_a_stale_count_is_decided_again() {
+        let (queue, q) = fixed("queue", Role::Queue);
+        let poller = poller(vec![queue]);
+        *q.lock().unwrap() = value(60.0);
+        let target = Target::with(&[("f", 2)]);
+        target.lagging.lock().unwrap().insert("f".into(), 1);
+        let steps = poller.poll(&target, &[function("f", &["t"])]).await;
+        assert_eq!(target.applied(), [("f".to_owned(), 2, 6)]);
+        assert_eq!((steps[0].current, steps[0].decision.replicas), (2, Some(6)));
+        assert_eq!(
+            poller
+                .metrics
+                .stale
+                .get_or_create(&FnLabel {
+                    function: "default/f".into()
+                })
+                .get(),
+            1
+        );
+        // Stale at every read: given up after REDECIDE reads, held.
+        let poller = poller_of_one(value(60.0));
+        let stuck = StuckTarget(Target::with(&[("g", 2)]));
+        let steps = poller.poll(&stuck, &[function("g", &["t"])]).await;
+        assert_eq!(steps[0].decision.replicas, None);
+        assert!(stuck.0.applied().is_empty());
+    }
+
+    fn poller_of_one(reading: Result<Reading, &'static str>) -> Poller<()> {
+        let (queue, q) = fixed("queue", Role::Queue);
+        *q.lock().unwrap() = reading;
+        poller(vec![queue])
+    }
+
+    /// A target whose every change is stale.
+    struct StuckTarget(Target);
+
+    impl ScaleTarget for StuckTarget {
+        type Workload = ();
+        type Error = std::convert::Infallible;
+
+        async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+            self.0.workload(f).await
+        }
+
+        async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
+            self.0.workload(f).await
+        }
+
+        async fn apply(&self, _: &Arc<FunctionSpec>, _: &(), _: Change<'_>) -> Applying<Self> {
+            Ok(Applied::Stale)
+        }
     }
 
     #[tokio::test(start_paused = true)]

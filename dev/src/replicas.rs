@@ -468,6 +468,10 @@ impl ScaleTarget for Replicas {
         Some(((), ReplicaCounts { current, ready }))
     }
 
+    async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
+        self.workload(f).await
+    }
+
     async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {
         let (from, to) = (change.from, change.to);
         tracing::info!(function = %f.name, from, to, reason = %change.reason, "scaling");
