@@ -2,9 +2,11 @@
 //! and `ebb dev` (local replicas). For each function that has a workload
 //! on the [`ScaleTarget`]:
 //!
-//! 1. read every [`Scaler`] that serves it, in the order given; in-flight
-//!    inputs ([`Role::InFlight`]) last, and only when another input serves
-//!    it (a function with none, e.g. cron only, is not autoscaled);
+//! 1. read every [`Scaler`] that serves it, in the order given, then its
+//!    schedule as an input ([`prewarm`]: work from its cold start before
+//!    each tick until the fire is over); in-flight inputs
+//!    ([`Role::InFlight`]) last, and only when another input serves it (a
+//!    function with none is not autoscaled);
 //! 2. the activity rule: work was done since the last poll when a queue's
 //!    delivered position moved, or else the finished count of the queue
 //!    with the largest backlog ([`policy::finished_of`], [`policy::moved`]);
@@ -30,6 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::policy::{self, Decision, Input, Observed, PolicyState, ScaleSpec, Serving};
+use crate::prewarm::{self, WallClock};
 use crate::scalers::{Role, Scaler};
 use crate::target::{Applied, Change, ScaleTarget};
 
@@ -178,6 +181,8 @@ pub struct Poller<W> {
     metrics: Metrics,
     concurrency: usize,
     states: Mutex<HashMap<String, FnState>>,
+    /// Wall-clock time, for schedules.
+    wall: WallClock,
 }
 
 /// `namespace/name`, the key of metrics and of the policy's memory.
@@ -195,7 +200,14 @@ impl<W: Send + Sync> Poller<W> {
             metrics,
             concurrency: concurrency.max(1),
             states: Mutex::default(),
+            wall: prewarm::system_clock(),
         }
+    }
+
+    /// Reads schedules on `clock` instead of the system clock.
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall = clock;
+        self
     }
 
     /// One poll over `functions`, scaled through `target`; returns the step
@@ -354,6 +366,12 @@ impl<W: Send + Sync> Poller<W> {
         for s in others.filter(|s| s.serves(f)) {
             self.read_one(&mut read, &**s, f, w, key).await;
         }
+        if let Some(value) = self.schedule_input(f, key) {
+            read.inputs.push(Input {
+                name: prewarm::INPUT,
+                value: Some(value),
+            });
+        }
         if !read.inputs.is_empty() {
             let inflight = self.scalers.iter().filter(|s| s.role() == Role::InFlight);
             for s in inflight.filter(|s| s.serves(f)) {
@@ -373,6 +391,20 @@ impl<W: Send + Sync> Poller<W> {
             }
         }
         read
+    }
+
+    /// The schedule input of `f` now, if it has a schedule.
+    fn schedule_input(&self, f: &FunctionSpec, key: &str) -> Option<f64> {
+        // A bad schedule is reported by discovery, which keeps it out.
+        let schedule = ebb_model::schedule::Schedule::parse(f.schedule.as_deref()?, &f.timezone);
+        let cold_start = self.lock().get(key).and_then(|s| s.policy.cold_start());
+        let in_flight = self
+            .scalers
+            .iter()
+            .any(|s| s.role() == Role::InFlight && s.serves(f));
+        let lead = prewarm::lead(f.prewarm, cold_start);
+        let after = prewarm::after_tick(f.timeout, in_flight);
+        Some(prewarm::demand(&schedule.ok()?, (self.wall)(), lead, after))
     }
 
     async fn read_one(
@@ -773,6 +805,54 @@ mod tests {
 
         async fn apply(&self, _: &Arc<FunctionSpec>, _: &(), _: Change<'_>) -> Applying<Self> {
             Ok(Applied::Stale)
+        }
+    }
+
+    /// A cron-only function at min 0, `*/20 * * * * *`, its call timeout
+    /// 2 s and scale-to-zero-after 5 s, polled every second for four ticks:
+    /// one replica before each tick (from the first measured cold start on,
+    /// a cold start and a margin ahead), zero between fires. Without
+    /// prewarm it is woken at the tick and still goes back to zero. No
+    /// in-flight input: a fire counts as running for its timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_schedule_is_an_input_that_prewarms_and_lets_go() {
+        const TICK: i64 = 1_800_000_000; // a multiple of 20 s
+        for prewarm in [true, false] {
+            let base = Instant::now();
+            let start = chrono::DateTime::from_timestamp(TICK - 30, 0).unwrap();
+            let clock: WallClock =
+                Arc::new(move || start + chrono::Duration::from_std(base.elapsed()).unwrap());
+            let poller = poller(vec![]).wall_clock(clock);
+            let mut f = FunctionSpec::new("nightly", "default");
+            f.schedule = Some("*/20 * * * * *".into());
+            f.timeout = Duration::from_secs(2);
+            f.scale_to_zero_after = Duration::from_secs(5);
+            f.prewarm = prewarm;
+            let functions = [Arc::new(f)];
+            let target = Target::with(&[("nightly", 0)]);
+            // Replicas after the poll at second t (t = 0 is TICK - 30 s).
+            let mut after = Vec::new();
+            for _ in 0..100 {
+                let steps = poller.poll(&target, &functions).await;
+                assert_eq!(steps.len(), 1, "a schedule is an input");
+                after.push(steps[0].decision.replicas.unwrap_or(steps[0].current));
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+            for tick in [30, 50, 70, 90] {
+                let before = after[tick - 1];
+                assert_eq!(
+                    before,
+                    u32::from(prewarm),
+                    "prewarm {prewarm}: before the tick at {tick} s: {after:?}"
+                );
+                assert_eq!(after[tick], 1, "at the tick at {tick} s: {after:?}");
+            }
+            for gap in [31..50, 51..70, 71..90] {
+                assert!(
+                    after[gap].contains(&0),
+                    "prewarm {prewarm}: zero between fires: {after:?}"
+                );
+            }
         }
     }
 

@@ -244,7 +244,8 @@ impl Replicas {
 
     /// The scale of `spec`, starting it at `min-replicas` when it has none
     /// yet, as the Deployment `ebb deploy` renders for it starts: a function
-    /// that no input scales (cron only) keeps that count.
+    /// that no input scales (no topic, Prometheus input or schedule) keeps
+    /// that count.
     pub async fn create(&self, spec: &Arc<FunctionSpec>) -> u32 {
         let mut sets = self.sets.lock().await;
         if let Some(set) = sets.get(&spec.name) {
