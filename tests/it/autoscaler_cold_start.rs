@@ -11,7 +11,12 @@ use ebb_kube_double::KubeApi;
 
 const READY_AFTER: Duration = Duration::from_millis(700);
 
-fn autoscaler(api: &KubeApi, dir: &std::path::Path, admin: u16, extra: &[&str]) -> ChildGuard {
+pub(crate) fn autoscaler(
+    api: &KubeApi,
+    dir: &std::path::Path,
+    admin: u16,
+    extra: &[&str],
+) -> ChildGuard {
     let mut cmd = ebb_command();
     cmd.args(["autoscaler", "--kubernetes", "--no-leader-election"])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
@@ -33,7 +38,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn wait_ready(admin: u16) {
+pub(crate) async fn wait_ready(admin: u16) {
     within(Duration::from_secs(20), "autoscaler ready", async {
         loop {
             if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{admin}/_/ready")).await

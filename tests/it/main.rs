@@ -24,6 +24,7 @@ mod autoscaler_cold_start;
 mod autoscaler_inflight;
 mod autoscaler_kafka;
 mod autoscaler_lease;
+mod autoscaler_prewarm;
 mod autoscaler_prometheus;
 mod autoscaler_rabbitmq;
 mod autoscaler_target;
