@@ -25,14 +25,14 @@ pub(crate) fn autoscaler(
     ChildGuard::spawn("autoscaler", &mut cmd)
 }
 
-async fn metrics_text(admin: u16) -> String {
+pub(crate) async fn metrics_text(admin: u16) -> String {
     match reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
 }
 
-fn sample(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
@@ -53,7 +53,7 @@ pub(crate) async fn wait_ready(admin: u16) {
 }
 
 /// Waits until the sample `name` reads `want`; returns the metrics text.
-async fn sample_becomes(admin: u16, name: &str, want: f64) -> String {
+pub(crate) async fn sample_becomes(admin: u16, name: &str, want: f64) -> String {
     within(
         Duration::from_secs(20),
         &format!("{name} = {want}"),

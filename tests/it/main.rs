@@ -21,6 +21,7 @@ mod amqp_connector;
 mod autoscaler;
 mod autoscaler_brokers;
 mod autoscaler_cold_start;
+mod autoscaler_guard;
 mod autoscaler_inflight;
 mod autoscaler_kafka;
 mod autoscaler_lease;
