@@ -86,11 +86,11 @@ async fn a_busy_function_read_by_passive_declare_is_never_scaled_to_zero() {
 /// the 5 replicas down to 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_decided_from_a_stale_version_is_decided_again() {
-    let api = KubeApi::start();
+    let dir = tempfile::tempdir().unwrap();
     let stub = MetricsStub::start();
     stub.set_gauge("/metrics", "queue_depth", 0.0);
-    let dir = tempfile::tempdir().unwrap();
     let url = stub.url("/metrics");
+    let api = KubeApi::start();
     let annotations = [
         ("ebb.io/prometheus-url", url.as_str()),
         ("ebb.io/prometheus-metric", "queue_depth"),
