@@ -304,6 +304,32 @@ impl ScaleTarget for Kube<'_> {
         Some((w.clone(), counts))
     }
 
+    async fn reread(
+        &self,
+        f: &Arc<FunctionSpec>,
+        w: &ebb_kube::Workload,
+    ) -> Option<(ebb_kube::Workload, ReplicaCounts)> {
+        let scale = match self.shared.target.get(&WorkloadRef::from(w)).await {
+            Ok(scale) => scale,
+            Err(e) => {
+                tracing::warn!(function = %f.key(), error = %e, "cannot read the scale again");
+                return None;
+            }
+        };
+        let fresh = ebb_kube::Workload {
+            replicas: Some(scale.replicas),
+            resource_version: Some(scale.resource_version),
+            uid: scale.uid.or_else(|| w.uid.clone()),
+            ..w.clone()
+        };
+        // The scale has no ready count: the one discovery saw stays.
+        let counts = ReplicaCounts {
+            current: scale.replicas,
+            ready: Some(w.ready_replicas),
+        };
+        Some((fresh, counts))
+    }
+
     async fn apply(
         &self,
         _: &Arc<FunctionSpec>,
@@ -341,9 +367,24 @@ impl ScaleTarget for Kube<'_> {
         let (from, to) = (change.from, change.to);
         let reason = change.reason.to_string();
         tracing::info!(function = %key, from, to, %reason, "scaling");
-        let outcome = s.target.set(&wr, from, to, &reason).await?;
-        if let crate::target::SetOutcome::Scaled { from: 0, .. } = outcome {
-            time_cold_start(s, key, "poll", change.seen, Instant::now());
+        // Guarded by the version the count was decided from.
+        let decided_from = match &w.resource_version {
+            Some(version) => crate::target::Scale {
+                replicas: from,
+                resource_version: version.clone(),
+                uid: w.uid.clone(),
+            },
+            None => s.target.get(&wr).await?,
+        };
+        if decided_from.replicas != from {
+            return Ok(Applied::Stale);
+        }
+        match s.target.set_from(&wr, &decided_from, to, &reason).await? {
+            crate::target::SetOutcome::Stale => return Ok(Applied::Stale),
+            crate::target::SetOutcome::Scaled { from: 0, .. } => {
+                time_cold_start(s, key, "poll", change.seen, Instant::now());
+            }
+            _ => {}
         }
         Ok(Applied::Done)
     }
@@ -438,6 +479,12 @@ pub async fn run(cfg: AutoscalerConfig, shutdown: impl Future<Output = ()>) -> R
         ),
         None => None,
     };
+    if matches!(cfg.rabbitmq, Some(RabbitSource::Amqp(_))) && cfg.worker_inflight.is_none() {
+        tracing::warn!(
+            "RabbitMQ read by passive declare counts ready messages only: its functions are not \
+             scaled to zero (calls in flight are unseen); use --amqp-management or --worker-inflight"
+        );
+    }
     let kafka = cfg.kafka.as_ref().map(|(brokers, reset)| {
         crate::scalers::kafka::KafkaScaler::new(brokers, *reset, cfg.scaler_timeout)
     });

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod policy;
 pub mod poll;
+pub mod prewarm;
 pub mod scalers;
 pub mod simulate;
 pub mod target;

@@ -57,6 +57,11 @@ pub struct ScaleSpec {
     pub scale_down_window: Duration,
     pub paused: bool,
     pub fallback: Option<u32>,
+    /// An input that cannot see messages handed to the replicas and not yet
+    /// acknowledged (RabbitMQ read by passive declare), when no in-flight
+    /// input is read: its zero is no evidence that no call runs, so the
+    /// function is never taken to zero while it has replicas.
+    pub in_flight_unseen: Option<&'static str>,
 }
 
 impl ScaleSpec {
@@ -70,6 +75,7 @@ impl ScaleSpec {
             scale_down_window: f.scale_down_window,
             paused: f.paused,
             fallback: f.fallback_replicas,
+            in_flight_unseen: None,
         }
     }
 }
@@ -478,6 +484,11 @@ pub enum Reason {
     },
     /// Steady: the recommendation equals the current count.
     Steady,
+    /// Every input reads zero, but `input` cannot see calls in flight and
+    /// no in-flight input is read: not idle, the replicas are kept.
+    InFlightUnseen {
+        input: &'static str,
+    },
     /// More backlog, but replicas asked for still start and what one serves
     /// is not measured yet: wait for them before asking for more.
     Starting {
@@ -508,6 +519,7 @@ impl Reason {
             Reason::IdleToZero { .. } => "idle_to_zero",
             Reason::Stabilizing { .. } => "stabilizing",
             Reason::Steady => "steady",
+            Reason::InFlightUnseen { .. } => "in_flight_unseen",
             Reason::Starting { .. } => "starting",
             Reason::Paused => "paused",
             Reason::Unknown { .. } => "unknown",
@@ -563,6 +575,10 @@ impl fmt::Display for Reason {
                 write!(f, "stabilizing (window max {window_max}) → hold")
             }
             Reason::Steady => write!(f, "steady"),
+            Reason::InFlightUnseen { input } => write!(
+                f,
+                "{input} 0 but blind to calls in flight, no in-flight input → hold"
+            ),
             Reason::Starting { ready, replicas } => {
                 write!(f, "{ready} of {replicas} ready, throughput unknown → hold")
             }
@@ -676,7 +692,9 @@ fn decide_inner(
     let measured = st.rates.arrivals.is_some() && st.rates.per_replica.is_some();
     // The usual cap on a step up from `n`.
     let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
-    let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
+    let zero = obs.inputs.iter().all(|i| i.value == Some(0.0));
+    // A zero that cannot see calls in flight is no evidence of idleness.
+    let idle = !obs.activity && zero && spec.in_flight_unseen.is_none();
     if idle {
         st.idle_since.get_or_insert(now);
     } else {
@@ -801,7 +819,10 @@ fn decide_inner(
     if bounded != current {
         return set(current, bounded, reason(bounded, false));
     }
-    hold(Reason::Steady)
+    match spec.in_flight_unseen {
+        Some(input) if zero && spec.min == 0 => hold(Reason::InFlightUnseen { input }),
+        _ => hold(Reason::Steady),
+    }
 }
 
 #[cfg(test)]
@@ -849,6 +870,7 @@ mod tests {
             scale_down_window: Duration::from_secs(60),
             paused: false,
             fallback: None,
+            in_flight_unseen: None,
         }
     }
 
@@ -916,6 +938,54 @@ mod tests {
                 (62, Some(0.0), Some(0.0), 0, "idle_to_zero"),
                 (63, Some(0.0), Some(0.0), 0, "idle"),
             ],
+        );
+    }
+
+    /// A function at full capacity read by passive declare: its replicas
+    /// take every message at once, so the queue reads 0 ready for ten idle
+    /// periods. Blind to calls in flight, it is never taken to zero (only
+    /// down to one after the window); an input that sees them is.
+    #[test]
+    fn a_zero_blind_to_calls_in_flight_never_scales_to_zero() {
+        let run = |unseen: Option<&'static str>| {
+            let s = ScaleSpec {
+                in_flight_unseen: unseen,
+                ..spec()
+            };
+            let (base, mut st, mut current) = (Instant::now(), PolicyState::default(), 2);
+            let mut seen = Vec::new();
+            for t in 0..600 {
+                let o = Observed {
+                    inputs: vec![Input {
+                        name: "rabbitmq",
+                        value: Some(0.0),
+                    }],
+                    ..obs(None, None, current)
+                };
+                let d = decide(&o, &s, &mut st, base + Duration::from_secs(t));
+                current = d.replicas.unwrap_or(current);
+                seen.push((current, d.reason.label()));
+            }
+            seen
+        };
+        let blind = run(Some("rabbitmq"));
+        assert!(blind.iter().all(|&(n, _)| n >= 1), "never 0");
+        assert_eq!(blind[599], (1, "in_flight_unseen"));
+        let seeing = run(None);
+        assert_eq!(seeing[599], (0, "idle"));
+        let mut st = PolicyState::default();
+        let d = decide(
+            &obs(Some(0.0), Some(0.0), 1),
+            &ScaleSpec {
+                in_flight_unseen: Some("rabbitmq"),
+                ..spec()
+            },
+            &mut st,
+            Instant::now(),
+        );
+        assert_eq!(
+            d.reason.to_string(),
+            "rabbitmq 0 but blind to calls in flight, no in-flight input → hold"
         );
     }
 

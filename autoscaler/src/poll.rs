@@ -2,9 +2,11 @@
 //! and `ebb dev` (local replicas). For each function that has a workload
 //! on the [`ScaleTarget`]:
 //!
-//! 1. read every [`Scaler`] that serves it, in the order given; in-flight
-//!    inputs ([`Role::InFlight`]) last, and only when another input serves
-//!    it (a function with none, e.g. cron only, is not autoscaled);
+//! 1. read every [`Scaler`] that serves it, in the order given, then its
+//!    schedule as an input ([`prewarm`]: work from its cold start before
+//!    each tick until the fire is over); in-flight inputs
+//!    ([`Role::InFlight`]) last, and only when another input serves it (a
+//!    function with none is not autoscaled);
 //! 2. the activity rule: work was done since the last poll when a queue's
 //!    delivered position moved, or else the finished count of the queue
 //!    with the largest backlog ([`policy::finished_of`], [`policy::moved`]);
@@ -30,6 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::policy::{self, Decision, Input, Observed, PolicyState, ScaleSpec, Serving};
+use crate::prewarm::{self, WallClock};
 use crate::scalers::{Role, Scaler};
 use crate::target::{Applied, Change, ScaleTarget};
 
@@ -68,6 +71,8 @@ pub struct Metrics {
     scaler_errors: Family<ScalerLabel, Counter>,
     patches: Family<FnLabel, Counter>,
     patch_errors: Family<FnLabel, Counter>,
+    /// Counts decided from a stale read and decided again.
+    stale: Family<FnLabel, Counter>,
     /// One poll over every function.
     poll_duration: Histogram,
 }
@@ -82,6 +87,7 @@ impl Metrics {
             scaler_errors: Family::default(),
             patches: Family::default(),
             patch_errors: Family::default(),
+            stale: Family::default(),
             poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         r.register(
@@ -120,6 +126,11 @@ impl Metrics {
             m.patch_errors.clone(),
         );
         r.register(
+            "ebb_autoscaler_stale_decisions",
+            "Counts decided from a workload that changed before the scale was written (409), decided again",
+            m.stale.clone(),
+        );
+        r.register(
             "ebb_autoscaler_poll_duration_seconds",
             "One poll: every function's inputs read, its count decided and applied",
             m.poll_duration.clone(),
@@ -127,6 +138,11 @@ impl Metrics {
         m
     }
 }
+
+/// Decisions found stale ([`Applied::Stale`]) that one poll decides again
+/// for a function, after reading it afresh; past them it waits for the next
+/// poll.
+const REDECIDE: u32 = 3;
 
 /// One function's step, as the policy saw and decided it.
 #[derive(Debug, Clone)]
@@ -139,7 +155,7 @@ pub struct Step {
 }
 
 /// What the poll keeps of a function between polls.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct FnState {
     policy: PolicyState,
     /// The last position (or finished count) read, for the activity rule.
@@ -154,6 +170,9 @@ struct Read {
     queues: Vec<(f64, Option<u64>)>,
     position: Option<u64>,
     cap: Option<u32>,
+    /// A queue input blind to calls in flight, when no in-flight input is
+    /// read ([`ScaleSpec::in_flight_unseen`]).
+    in_flight_unseen: Option<&'static str>,
 }
 
 /// The poll loop's body: the scalers, the policy's memory and the metrics.
@@ -162,6 +181,8 @@ pub struct Poller<W> {
     metrics: Metrics,
     concurrency: usize,
     states: Mutex<HashMap<String, FnState>>,
+    /// Wall-clock time, for schedules.
+    wall: WallClock,
 }
 
 /// `namespace/name`, the key of metrics and of the policy's memory.
@@ -179,7 +200,14 @@ impl<W: Send + Sync> Poller<W> {
             metrics,
             concurrency: concurrency.max(1),
             states: Mutex::default(),
+            wall: prewarm::system_clock(),
         }
+    }
+
+    /// Reads schedules on `clock` instead of the system clock.
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall = clock;
+        self
     }
 
     /// One poll over `functions`, scaled through `target`; returns the step
@@ -236,57 +264,92 @@ impl<W: Send + Sync> Poller<W> {
             return (Some(w), None); // nothing to scale by (e.g. a cron-only function)
         }
         let finished = policy::finished_of(&read.queues);
-        let current = counts.current;
-        let spec = ScaleSpec::from_function(f);
+        let spec = ScaleSpec {
+            in_flight_unseen: read.in_flight_unseen,
+            ..ScaleSpec::from_function(f)
+        };
         let now = Instant::now();
         let mut observed = Observed {
             inputs: read.inputs,
-            current,
+            current: counts.current,
             cap: read.cap,
             activity: false,
         };
-        let decision = {
-            let mut states = self.lock();
-            let st = states.entry(key.clone()).or_default();
-            // Work done since the last poll: a queue's delivered position,
-            // or else the finished count, moved.
-            observed.activity = policy::moved(&mut st.position, read.position.or(finished));
-            policy::decide_with(
-                &observed,
-                // Ready replicas and finished messages let the policy size
-                // by measured rates instead of chasing a backlog that grows
-                // while replicas start.
-                Serving {
-                    ready: counts.ready,
-                    delivered: finished,
-                },
-                &spec,
-                &mut st.policy,
-                now,
-            )
+        let label = FnLabel {
+            function: key.clone(),
         };
-        self.record(&key, current, &decision);
-        if let Some(to) = decision.replicas {
+        let (mut w, mut counts) = (w, counts);
+        let mut redecided = 0;
+        let decision = loop {
+            observed.current = counts.current;
+            let (decision, before) = {
+                let mut states = self.lock();
+                let st = states.entry(key.clone()).or_default();
+                // Kept to decide again from a fresh read if this decision
+                // turns out stale.
+                let before = st.clone();
+                // Work done since the last poll: a queue's delivered position,
+                // or else the finished count, moved.
+                observed.activity = policy::moved(&mut st.position, read.position.or(finished));
+                let decision = policy::decide_with(
+                    &observed,
+                    // Ready replicas and finished messages let the policy size
+                    // by measured rates instead of chasing a backlog that grows
+                    // while replicas start.
+                    Serving {
+                        ready: counts.ready,
+                        delivered: finished,
+                    },
+                    &spec,
+                    &mut st.policy,
+                    now,
+                );
+                (decision, before)
+            };
+            let Some(to) = decision.replicas else {
+                break decision;
+            };
             let change = Change {
-                from: current,
+                from: counts.current,
                 to,
                 reason: &decision.reason,
                 seen,
-            };
-            let label = FnLabel {
-                function: key.clone(),
             };
             match target.apply(f, &w, change).await {
                 Ok(Applied::Done) => {
                     self.metrics.patches.get_or_create(&label).inc();
                 }
                 Ok(Applied::LeftAlone) => {}
+                Ok(Applied::Stale) => {
+                    // Decided from a count (or version) that changed since:
+                    // forget this decision, read again, decide anew.
+                    self.metrics.stale.get_or_create(&label).inc();
+                    self.lock().insert(key.clone(), before);
+                    redecided += 1;
+                    let fresh = if redecided <= REDECIDE {
+                        target.reread(f, &w).await
+                    } else {
+                        None
+                    };
+                    if let Some((fresh_w, fresh_counts)) = fresh {
+                        (w, counts) = (fresh_w, fresh_counts);
+                        continue;
+                    }
+                    tracing::warn!(function = %key, "the count kept changing; deciding at the next poll");
+                    break policy::Decision {
+                        replicas: None,
+                        reason: decision.reason,
+                    };
+                }
                 Err(e) => {
                     self.metrics.patch_errors.get_or_create(&label).inc();
                     tracing::warn!(function = %key, error = %e, "cannot scale");
                 }
             }
-        }
+            break decision;
+        };
+        let current = counts.current;
+        self.record(&key, current, &decision);
         let step = Step {
             function: f.clone(),
             inputs: observed.inputs,
@@ -303,10 +366,17 @@ impl<W: Send + Sync> Poller<W> {
         for s in others.filter(|s| s.serves(f)) {
             self.read_one(&mut read, &**s, f, w, key).await;
         }
+        if let Some(value) = self.schedule_input(f, key) {
+            read.inputs.push(Input {
+                name: prewarm::INPUT,
+                value: Some(value),
+            });
+        }
         if !read.inputs.is_empty() {
             let inflight = self.scalers.iter().filter(|s| s.role() == Role::InFlight);
             for s in inflight.filter(|s| s.serves(f)) {
                 self.read_one(&mut read, &**s, f, w, key).await;
+                read.in_flight_unseen = None; // the in-flight input sees them
             }
         }
         for i in &read.inputs {
@@ -323,6 +393,20 @@ impl<W: Send + Sync> Poller<W> {
         read
     }
 
+    /// The schedule input of `f` now, if it has a schedule.
+    fn schedule_input(&self, f: &FunctionSpec, key: &str) -> Option<f64> {
+        // A bad schedule is reported by discovery, which keeps it out.
+        let schedule = ebb_model::schedule::Schedule::parse(f.schedule.as_deref()?, &f.timezone);
+        let cold_start = self.lock().get(key).and_then(|s| s.policy.cold_start());
+        let in_flight = self
+            .scalers
+            .iter()
+            .any(|s| s.role() == Role::InFlight && s.serves(f));
+        let lead = prewarm::lead(f.prewarm, cold_start);
+        let after = prewarm::after_tick(f.timeout, in_flight);
+        Some(prewarm::demand(&schedule.ok()?, (self.wall)(), lead, after))
+    }
+
     async fn read_one(
         &self,
         read: &mut Read,
@@ -337,6 +421,9 @@ impl<W: Send + Sync> Poller<W> {
                 if s.role() == Role::Queue {
                     read.queues.push((r.value, r.finished));
                     read.position = read.position.or(r.position);
+                    if r.in_flight_unseen {
+                        read.in_flight_unseen = read.in_flight_unseen.or(Some(name));
+                    }
                 }
                 if let Some(cap) = r.cap {
                     read.cap = Some(read.cap.map_or(cap, |c| c.min(cap)));
@@ -438,9 +525,12 @@ mod tests {
     }
 
     /// Replicas of the functions it lists; records every change applied.
+    /// A count in `lagging` is what a function's workload still reads as
+    /// (a stale snapshot): a change decided from it is [`Applied::Stale`].
     #[derive(Default)]
     struct Target {
         counts: Mutex<HashMap<String, u32>>,
+        lagging: Mutex<HashMap<String, u32>>,
         applied: Mutex<Vec<(String, u32, u32)>>,
     }
 
@@ -463,6 +553,15 @@ mod tests {
         type Error = std::convert::Infallible;
 
         async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+            let lagging = self.lagging.lock().unwrap().get(&f.name).copied();
+            if let Some(current) = lagging {
+                let ready = Some(current);
+                return Some(((), ReplicaCounts { current, ready }));
+            }
+            self.reread(f, &()).await
+        }
+
+        async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
             let current = *self.counts.lock().unwrap().get(&f.name)?;
             Some((
                 (),
@@ -474,6 +573,10 @@ mod tests {
         }
 
         async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {
+            if self.counts.lock().unwrap().get(&f.name) != Some(&change.from) {
+                return Ok(Applied::Stale);
+            }
+            self.lagging.lock().unwrap().remove(&f.name);
             self.counts
                 .lock()
                 .unwrap()
@@ -577,6 +680,47 @@ mod tests {
         assert_eq!(target.applied(), [("jobs".to_owned(), 1, 0)]);
     }
 
+    /// RabbitMQ by passive declare reads 0 ready while every message is
+    /// in flight: never 1 → 0 on it alone; with the in-flight input read
+    /// (here 0) the function goes to zero after scale-to-zero-after (10 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_blind_to_calls_in_flight_does_not_scale_to_zero_alone() {
+        for (with_inflight, want) in [(false, vec![]), (true, vec![("busy".to_owned(), 1, 0)])] {
+            let (queue, q) = fixed("rabbitmq", Role::Queue);
+            let (inflight, i) = fixed("inflight", Role::InFlight);
+            *q.lock().unwrap() = Ok(Reading {
+                in_flight_unseen: true,
+                ..Reading::default()
+            });
+            *i.lock().unwrap() = value(0.0);
+            let scalers = if with_inflight {
+                vec![queue, inflight]
+            } else {
+                vec![queue]
+            };
+            let poller = poller(scalers);
+            let target = Target::with(&[("busy", 1)]);
+            let functions = [function("busy", &["b"])];
+            let mut last = None;
+            for _ in 0..60 {
+                last = poller.poll(&target, &functions).await.pop();
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+            assert_eq!(
+                target.applied(),
+                want,
+                "in-flight input read: {with_inflight}"
+            );
+            let reason = last.expect("a step").decision.reason;
+            let want = if with_inflight {
+                "idle"
+            } else {
+                "in_flight_unseen"
+            };
+            assert_eq!(reason.label(), want);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_finished_count_is_that_of_the_largest_queue() {
         let (small, s) = fixed("small", Role::Queue);
@@ -605,6 +749,111 @@ mod tests {
         }
         // On a tie the later queue counts: `large` never moved, so idle.
         assert_eq!(target.applied(), [("f".to_owned(), 1, 0)]);
+    }
+
+    /// The workload reads 1 replica but has 2: the change decided from 1
+    /// (1 → 5, rate-capped) is stale; read again, 2 → 6 is decided and
+    /// applied, with the policy's memory as if the stale one never was.
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_from_a_stale_count_is_decided_again() {
+        let (queue, q) = fixed("queue", Role::Queue);
+        let poller = poller(vec![queue]);
+        *q.lock().unwrap() = value(60.0);
+        let target = Target::with(&[("f", 2)]);
+        target.lagging.lock().unwrap().insert("f".into(), 1);
+        let steps = poller.poll(&target, &[function("f", &["t"])]).await;
+        assert_eq!(target.applied(), [("f".to_owned(), 2, 6)]);
+        assert_eq!((steps[0].current, steps[0].decision.replicas), (2, Some(6)));
+        assert_eq!(
+            poller
+                .metrics
+                .stale
+                .get_or_create(&FnLabel {
+                    function: "default/f".into()
+                })
+                .get(),
+            1
+        );
+        // Stale at every read: given up after REDECIDE reads, held.
+        let poller = poller_of_one(value(60.0));
+        let stuck = StuckTarget(Target::with(&[("g", 2)]));
+        let steps = poller.poll(&stuck, &[function("g", &["t"])]).await;
+        assert_eq!(steps[0].decision.replicas, None);
+        assert!(stuck.0.applied().is_empty());
+    }
+
+    fn poller_of_one(reading: Result<Reading, &'static str>) -> Poller<()> {
+        let (queue, q) = fixed("queue", Role::Queue);
+        *q.lock().unwrap() = reading;
+        poller(vec![queue])
+    }
+
+    /// A target whose every change is stale.
+    struct StuckTarget(Target);
+
+    impl ScaleTarget for StuckTarget {
+        type Workload = ();
+        type Error = std::convert::Infallible;
+
+        async fn workload(&self, f: &Arc<FunctionSpec>) -> Option<((), ReplicaCounts)> {
+            self.0.workload(f).await
+        }
+
+        async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
+            self.0.workload(f).await
+        }
+
+        async fn apply(&self, _: &Arc<FunctionSpec>, _: &(), _: Change<'_>) -> Applying<Self> {
+            Ok(Applied::Stale)
+        }
+    }
+
+    /// A cron-only function at min 0, `*/20 * * * * *`, its call timeout
+    /// 2 s and scale-to-zero-after 5 s, polled every second for four ticks:
+    /// one replica before each tick (from the first measured cold start on,
+    /// a cold start and a margin ahead), zero between fires. Without
+    /// prewarm it is woken at the tick and still goes back to zero. No
+    /// in-flight input: a fire counts as running for its timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_schedule_is_an_input_that_prewarms_and_lets_go() {
+        const TICK: i64 = 1_800_000_000; // a multiple of 20 s
+        for prewarm in [true, false] {
+            let base = Instant::now();
+            let start = chrono::DateTime::from_timestamp(TICK - 30, 0).unwrap();
+            let clock: WallClock =
+                Arc::new(move || start + chrono::Duration::from_std(base.elapsed()).unwrap());
+            let poller = poller(vec![]).wall_clock(clock);
+            let mut f = FunctionSpec::new("nightly", "default");
+            f.schedule = Some("*/20 * * * * *".into());
+            f.timeout = Duration::from_secs(2);
+            f.scale_to_zero_after = Duration::from_secs(5);
+            f.prewarm = prewarm;
+            let functions = [Arc::new(f)];
+            let target = Target::with(&[("nightly", 0)]);
+            // Replicas after the poll at second t (t = 0 is TICK - 30 s).
+            let mut after = Vec::new();
+            for _ in 0..100 {
+                let steps = poller.poll(&target, &functions).await;
+                assert_eq!(steps.len(), 1, "a schedule is an input");
+                after.push(steps[0].decision.replicas.unwrap_or(steps[0].current));
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+            for tick in [30, 50, 70, 90] {
+                let before = after[tick - 1];
+                assert_eq!(
+                    before,
+                    u32::from(prewarm),
+                    "prewarm {prewarm}: before the tick at {tick} s: {after:?}"
+                );
+                assert_eq!(after[tick], 1, "at the tick at {tick} s: {after:?}");
+            }
+            for gap in [31..50, 51..70, 71..90] {
+                assert!(
+                    after[gap].contains(&0),
+                    "prewarm {prewarm}: zero between fires: {after:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -143,6 +143,7 @@ impl Ebb {
                 scale_down_window: Duration::from_secs(60),
                 paused: false,
                 fallback: None,
+                in_flight_unseen: None,
             },
             state: PolicyState::default(),
             base: Instant::now(),

@@ -6,6 +6,10 @@
 //!   subresource, only when the count read differs; 409 and 5xx are retried
 //!   (bounded, with backoff) after re-reading the scale; a `Normal` Event
 //!   `Scaled` ("scaled from A to B: reason") is written on the workload.
+//! - [`KubeTarget::set_from`]: the same patch guarded by the
+//!   `resourceVersion` the count was decided from: a workload changed since
+//!   answers 409 and is [`SetOutcome::Stale`], nothing written, for the
+//!   caller to decide again (the poll does, [`Applied::Stale`]).
 //! - [`KubeTarget::wake`]: 0 → N only while the count is still 0, guarded by
 //!   the `resourceVersion` read, so concurrent wakes patch once.
 //! - [`KubeTarget::hpa_targets`] / [`KubeTarget::warn_hpa`]: workloads also
@@ -80,6 +84,11 @@ pub enum Applied {
     /// The target declined, without error (another controller, such as an
     /// HPA, scales the workload).
     LeftAlone,
+    /// Nothing written: the workload changed since it was read (on
+    /// Kubernetes, the patch's resourceVersion answered 409), so the count
+    /// was decided from stale data. Read it again
+    /// ([`ScaleTarget::reread`]) and decide anew.
+    Stale,
 }
 
 /// Where functions' replicas are counted and changed.
@@ -94,6 +103,14 @@ pub trait ScaleTarget: Sync {
     fn workload(
         &self,
         f: &Arc<FunctionSpec>,
+    ) -> impl Future<Output = Option<(Self::Workload, ReplicaCounts)>> + Send;
+
+    /// The workload of `f` and its counts read again from the source of
+    /// truth, after [`Applied::Stale`]; `None` when it cannot be read.
+    fn reread(
+        &self,
+        f: &Arc<FunctionSpec>,
+        w: &Self::Workload,
     ) -> impl Future<Output = Option<(Self::Workload, ReplicaCounts)>> + Send;
 
     /// Sets the count of `f` to `change.to`.
@@ -205,6 +222,9 @@ pub enum SetOutcome {
     Unchanged { replicas: u32 },
     /// Patched from `from` (the count read just before) to `to`.
     Scaled { from: u32, to: u32 },
+    /// Nothing written: the workload changed since the scale it was
+    /// decided from ([`KubeTarget::set_from`], a 409).
+    Stale,
 }
 
 /// What [`KubeTarget::wake`] did.
@@ -369,6 +389,48 @@ impl KubeTarget {
                 .await;
         }
         Ok(outcome.0)
+    }
+
+    /// Sets `spec.replicas` to `to` only if the workload is still as in
+    /// `from`, the scale the count was decided from: the merge patch carries
+    /// its `resourceVersion`, so a change since (the count, or the
+    /// workload's status) answers 409 and is [`SetOutcome::Stale`], with
+    /// nothing written and not retried. 5xx and transport failures are
+    /// retried after a backoff with the same version; 403 and 404 are not.
+    pub async fn set_from(
+        &self,
+        w: &WorkloadRef,
+        from: &Scale,
+        to: u32,
+        reason: &str,
+    ) -> Result<SetOutcome, TargetError> {
+        if from.replicas == to {
+            return Ok(SetOutcome::Unchanged { replicas: to });
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": from.resource_version},
+            "spec": {"replicas": to},
+        });
+        let patched = self
+            .retrying(w, || async {
+                match self.patch_scale(w, &patch).await {
+                    Err(TargetError::Conflict { .. }) => Ok(false),
+                    other => other.map(|()| true),
+                }
+            })
+            .await?;
+        if !patched {
+            tracing::debug!(workload = %w, version = %from.resource_version, "scale decided from a stale version");
+            return Ok(SetOutcome::Stale);
+        }
+        let message = format!("scaled from {} to {to}: {reason}", from.replicas);
+        tracing::info!(workload = %w, from = from.replicas, to, reason, "scaled");
+        self.event(w, from.uid.clone(), false, SCALED_REASON, &message)
+            .await;
+        Ok(SetOutcome::Scaled {
+            from: from.replicas,
+            to,
+        })
     }
 
     /// Scales 0 → `to` (at least 1), only while the count is still 0: the
@@ -731,6 +793,34 @@ mod tests {
         };
         let outcome = scripted(script, async |t| t.set(&w, 1, 5, "r").await).await;
         assert_eq!(outcome.expect("set"), SetOutcome::Scaled { from: 2, to: 5 });
+    }
+
+    #[tokio::test]
+    async fn set_from_guards_the_patch_and_reports_a_stale_version() {
+        let w = deployment();
+        let from = Scale {
+            replicas: 1,
+            resource_version: "41".into(),
+            uid: Some("u-1".into()),
+        };
+        let guarded =
+            |to: u32| json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": to}});
+        let script =
+            async move |mut api| merge_patch(&mut api, DEPLOY_SCALE, guarded(0), 0, "42").await;
+        let outcome = scripted(script, async |t| t.set_from(&w, &from, 0, "idle").await).await;
+        assert_eq!(outcome.expect("set"), SetOutcome::Scaled { from: 1, to: 0 });
+        // The workload changed since version 41: 409, nothing more sent.
+        let script = async move |mut api: Scenario| {
+            let (seen, reply) = api.next().await;
+            assert_eq!(
+                (seen.method.as_str(), seen.body.clone()),
+                ("PATCH", guarded(3))
+            );
+            reply.status(409, "Conflict", "the object has been modified");
+            api.closed(Duration::from_secs(1)).await;
+        };
+        let outcome = scripted(script, async |t| t.set_from(&w, &from, 3, "work").await).await;
+        assert_eq!(outcome.expect("set"), SetOutcome::Stale);
     }
 
     #[tokio::test]

@@ -244,7 +244,8 @@ impl Replicas {
 
     /// The scale of `spec`, starting it at `min-replicas` when it has none
     /// yet, as the Deployment `ebb deploy` renders for it starts: a function
-    /// that no input scales (cron only) keeps that count.
+    /// that no input scales (no topic, Prometheus input or schedule) keeps
+    /// that count.
     pub async fn create(&self, spec: &Arc<FunctionSpec>) -> u32 {
         let mut sets = self.sets.lock().await;
         if let Some(set) = sets.get(&spec.name) {
@@ -466,6 +467,10 @@ impl ScaleTarget for Replicas {
         let ready = self.endpoints_of(&f.name, f.max_inflight).ready_count();
         let ready = Some(u32::try_from(ready).unwrap_or(u32::MAX));
         Some(((), ReplicaCounts { current, ready }))
+    }
+
+    async fn reread(&self, f: &Arc<FunctionSpec>, _: &()) -> Option<((), ReplicaCounts)> {
+        self.workload(f).await
     }
 
     async fn apply(&self, f: &Arc<FunctionSpec>, _: &(), change: Change<'_>) -> Applying<Self> {

@@ -38,6 +38,7 @@ pub(crate) enum Key {
     PrometheusQuery,
     Paused,
     FallbackReplicas,
+    Prewarm,
 }
 
 /// What a boolean setting accepts.
@@ -45,7 +46,7 @@ pub(crate) const BOOLEAN: &str = r#""true" or "false""#;
 const DURATION: &str = r#"a duration like "30s", "5m", "1h30m", "500ms" or whole seconds"#;
 
 impl Key {
-    pub(crate) const ALL: [Key; 26] = [
+    pub(crate) const ALL: [Key; 27] = [
         Key::Topics,
         Key::Schedule,
         Key::Timezone,
@@ -72,6 +73,7 @@ impl Key {
         Key::PrometheusQuery,
         Key::Paused,
         Key::FallbackReplicas,
+        Key::Prewarm,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -102,6 +104,7 @@ impl Key {
             Key::PrometheusQuery => "prometheus-query",
             Key::Paused => "paused",
             Key::FallbackReplicas => "fallback-replicas",
+            Key::Prewarm => "prewarm",
         }
     }
 
@@ -129,7 +132,7 @@ impl Key {
             Key::Queue | Key::ConsumerGroup => "a non-empty name",
             Key::PrometheusMetric => r#"a series selector like name{label="value"}"#,
             Key::PrometheusQuery => "a non-empty PromQL query",
-            Key::Paused => BOOLEAN,
+            Key::Paused | Key::Prewarm => BOOLEAN,
         }
     }
 }
@@ -313,6 +316,7 @@ impl Builder {
             Key::PrometheusQuery => self.prom.query = Some(non_empty(text)?.to_owned()),
             Key::Paused => spec.paused = values::boolean(text)?,
             Key::FallbackReplicas => spec.fallback_replicas = Some(values::whole(text)?),
+            Key::Prewarm => spec.prewarm = values::boolean(text)?,
         }
         Some(())
     }

@@ -92,6 +92,10 @@ pub struct FunctionSpec {
     /// `fallback-replicas`: count used after the metric was unknown for a
     /// while; `None` holds the current count. Within the replica bounds.
     pub fallback_replicas: Option<u32>,
+    /// `prewarm`: a scheduled function at zero is scaled to one replica
+    /// ahead of each tick, by its measured cold start, so the fire does not
+    /// wait for a wake-up; default `true`.
+    pub prewarm: bool,
 }
 
 /// `concurrency`: what a cron tick does while the previous fire still runs.
@@ -214,6 +218,7 @@ impl FunctionSpec {
             prometheus: None,
             paused: false,
             fallback_replicas: None,
+            prewarm: true,
         }
     }
 
@@ -412,6 +417,7 @@ mod tests {
         assert_eq!(spec.starting_deadline, Duration::ZERO);
         assert_eq!(spec.kafka_ordering, KafkaOrdering::Partition);
         assert!(!spec.paused);
+        assert!(spec.prewarm);
         assert_eq!(
             (
                 &spec.url,
@@ -552,6 +558,8 @@ mod tests {
             ("paused", "false", |s| s.paused = false),
             ("fallback-replicas", "0", |s| s.fallback_replicas = Some(0)),
             ("fallback-replicas", "3", |s| s.fallback_replicas = Some(3)),
+            ("prewarm", "false", |s| s.prewarm = false),
+            ("prewarm", " true ", |s| s.prewarm = true),
         ];
         for (key, value, change) in rows {
             let mut want = base();
@@ -612,6 +620,7 @@ mod tests {
             ("prometheus-query", "", "a non-empty PromQL query"),
             ("paused", "yes", r#""true" or "false""#),
             ("fallback-replicas", "some", "a whole number ≥ 0"),
+            ("prewarm", "off", r#""true" or "false""#),
         ];
         for (key, value, expected) in rows {
             let annotation = format!("{ANNOTATION_PREFIX}{key}");

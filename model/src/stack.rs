@@ -638,7 +638,7 @@ sources:                              # optional; `ebb dev` starts an in-memory 
         let f = function(
             "topics: orders, payments\nmax-replicas: 4\ntarget: 0.5\npaused: true\n\
              timeout: 45\nscale-to-zero-after: 5m\nactivation: 3\nfallback-replicas: 2\n\
-             payload: '{\"a\": 1}'\nschedule: '@every 30s'\n",
+             payload: '{\"a\": 1}'\nschedule: '@every 30s'\nprewarm: false\n",
         );
         assert_eq!(f.topics, ["orders", "payments"]);
         assert_eq!(f.max_replicas, 4);
@@ -650,6 +650,7 @@ sources:                              # optional; `ebb dev` starts an in-memory 
         assert_eq!(f.fallback_replicas, Some(2));
         assert_eq!(f.payload.as_deref(), Some(r#"{"a": 1}"#));
         assert_eq!(f.schedule.as_deref(), Some("@every 30s"));
+        assert!(!f.prewarm);
         assert_eq!(f.namespace, DEFAULT_NAMESPACE);
         assert_eq!(f.url, None);
 

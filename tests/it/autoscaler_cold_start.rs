@@ -11,7 +11,12 @@ use ebb_kube_double::KubeApi;
 
 const READY_AFTER: Duration = Duration::from_millis(700);
 
-fn autoscaler(api: &KubeApi, dir: &std::path::Path, admin: u16, extra: &[&str]) -> ChildGuard {
+pub(crate) fn autoscaler(
+    api: &KubeApi,
+    dir: &std::path::Path,
+    admin: u16,
+    extra: &[&str],
+) -> ChildGuard {
     let mut cmd = ebb_command();
     cmd.args(["autoscaler", "--kubernetes", "--no-leader-election"])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
@@ -20,20 +25,20 @@ fn autoscaler(api: &KubeApi, dir: &std::path::Path, admin: u16, extra: &[&str]) 
     ChildGuard::spawn("autoscaler", &mut cmd)
 }
 
-async fn metrics_text(admin: u16) -> String {
+pub(crate) async fn metrics_text(admin: u16) -> String {
     match reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
 }
 
-fn sample(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn wait_ready(admin: u16) {
+pub(crate) async fn wait_ready(admin: u16) {
     within(Duration::from_secs(20), "autoscaler ready", async {
         loop {
             if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{admin}/_/ready")).await
@@ -48,7 +53,7 @@ async fn wait_ready(admin: u16) {
 }
 
 /// Waits until the sample `name` reads `want`; returns the metrics text.
-async fn sample_becomes(admin: u16, name: &str, want: f64) -> String {
+pub(crate) async fn sample_becomes(admin: u16, name: &str, want: f64) -> String {
     within(
         Duration::from_secs(20),
         &format!("{name} = {want}"),

@@ -8,6 +8,7 @@ use crate::support::{RabbitMq, Vhost, within};
 use ebb_autoscaler::scalers::rabbitmq::{Management, RabbitMqScaler, RabbitMqScalerError, Reading};
 use ebb_model::FunctionSpec;
 use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
@@ -41,7 +42,7 @@ async fn management(vhost: &Vhost) -> RabbitMqScaler {
     .expect("management scaler")
 }
 
-async fn channel(vhost: &Vhost) -> (Connection, Channel) {
+pub(crate) async fn channel(vhost: &Vhost) -> (Connection, Channel) {
     let rabbit = RabbitMq::shared().await;
     let connection = within(
         STEP,
@@ -57,7 +58,7 @@ async fn channel(vhost: &Vhost) -> (Connection, Channel) {
 }
 
 /// Declares a durable queue and publishes `n` persistent, confirmed messages.
-async fn queue_with(channel: &Channel, queue: &str, n: usize) {
+pub(crate) async fn queue_with(channel: &Channel, queue: &str, n: usize) {
     within(
         STEP,
         "queue declare",
@@ -164,36 +165,7 @@ async fn unacked_messages_count_in_the_management_backlog() {
     let f = function(queue);
 
     // A consumer that takes 10 and acks none.
-    let consuming = within(STEP, "consumer channel", connection.create_channel())
-        .await
-        .expect("channel");
-    within(
-        STEP,
-        "qos",
-        consuming.basic_qos(10, BasicQosOptions::default()),
-    )
-    .await
-    .expect("qos");
-    let mut consumer: Consumer = within(
-        STEP,
-        "basic consume",
-        consuming.basic_consume(
-            queue.into(),
-            "holder".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("consume");
-    let mut held = Vec::new();
-    for _ in 0..10 {
-        let delivery = within(STEP, "delivery", consumer.next())
-            .await
-            .expect("consumer open")
-            .expect("delivery");
-        held.push(delivery);
-    }
+    let (_consuming, held) = hold(&connection, queue, 10).await;
 
     let http = management(&vhost).await;
     let reading = poll_until(&http, &f, "ready 40 + unacked 10", |r| {
@@ -285,6 +257,48 @@ async fn wrong_credentials_are_an_error() {
     connection.close(200, "done".into()).await.expect("close");
 }
 
+/// A consumer of `queue` on a channel of its own, with a prefetch of
+/// `prefetch`.
+async fn consume(connection: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
+    let channel = within(STEP, "consumer channel", connection.create_channel())
+        .await
+        .expect("channel");
+    within(
+        STEP,
+        "qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await
+    .expect("qos");
+    let consumer = within(
+        STEP,
+        "basic consume",
+        channel.basic_consume(
+            queue.into(),
+            "worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("consume");
+    (channel, consumer)
+}
+
+/// Takes `n` messages of `queue` and acks none: in flight until dropped.
+pub(crate) async fn hold(connection: &Connection, queue: &str, n: u16) -> (Channel, Vec<Delivery>) {
+    let (channel, mut consumer) = consume(connection, queue, n).await;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let delivery = within(STEP, "delivery", consumer.next())
+            .await
+            .expect("consumer open")
+            .expect("delivery");
+        held.push(delivery);
+    }
+    (channel, held)
+}
+
 /// Takes `n` deliveries from `consumer` and acks each.
 async fn ack(consumer: &mut Consumer, n: usize) {
     for _ in 0..n {
@@ -312,28 +326,7 @@ async fn acked_messages_count_as_finished() {
     assert_eq!(published.finished, None, "{published:?}");
 
     // A consumer with a prefetch of 10 acks 6, then 5 more.
-    let consuming = within(STEP, "consumer channel", connection.create_channel())
-        .await
-        .expect("channel");
-    within(
-        STEP,
-        "qos",
-        consuming.basic_qos(10, BasicQosOptions::default()),
-    )
-    .await
-    .expect("qos");
-    let mut consumer: Consumer = within(
-        STEP,
-        "basic consume",
-        consuming.basic_consume(
-            queue.into(),
-            "worker".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("consume");
+    let (_consuming, mut consumer) = consume(&connection, queue, 10).await;
     ack(&mut consumer, 6).await;
     let six = poll_until(&http, &f, "6 finished", |r| r.finished == Some(6)).await;
     // The other 10 of the prefetch are delivered, not finished.

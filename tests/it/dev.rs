@@ -251,6 +251,39 @@ async fn the_example_stack_delivers_retries_dead_letters_fires_and_scales_to_zer
     }
 }
 
+/// `ebb dev` runs the autoscaler's poll: a cron-only function at
+/// `min-replicas: 0` is pre-warmed before each tick (its fire delivered at
+/// the first attempt) and back at zero between fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_only_function_is_back_at_zero_between_fires() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = dir.path().join("stack.yaml");
+    let text = "functions:\n  - name: nightly\n    command: cat\n    \
+                schedule: \"*/10 * * * * *\"\n    scale-to-zero-after: 1s\n";
+    std::fs::write(&stack, text).unwrap();
+    let mut dev = Dev::start(&stack).await;
+    // Replicas seen per number of fires delivered so far.
+    let mut seen: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 3];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let f = dev.function("nightly").await;
+        let fired = n(&f, "delivered");
+        if fired >= 2 {
+            break;
+        }
+        seen[fired as usize].insert(n(&f, "replicas"));
+        assert!(tokio::time::Instant::now() < deadline, "two fires: {f}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen[1].contains(&0), "zero between the fires: {seen:?}");
+    assert!(
+        seen[1].contains(&1),
+        "warm again before the second: {seen:?}"
+    );
+    let f = dev.function("nightly").await;
+    assert_eq!((n(&f, "retried"), n(&f, "dropped")), (0, 0), "{f}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_stack_files_are_refused_with_one_line_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();

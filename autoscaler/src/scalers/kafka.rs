@@ -240,6 +240,8 @@ impl From<Reading> for super::Reading {
             finished: r.finished,
             position: None,
             cap: Some(r.partitions),
+            // Lag counts every message not committed, in flight included.
+            in_flight_unseen: false,
         }
     }
 }

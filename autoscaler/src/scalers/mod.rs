@@ -34,6 +34,10 @@ pub struct Reading {
     pub position: Option<u64>,
     /// More replicas than this would idle (Kafka: the partitions).
     pub cap: Option<u32>,
+    /// The value leaves out messages handed to the replicas and not yet
+    /// acknowledged (RabbitMQ read by passive declare): a zero is no
+    /// evidence that no call runs.
+    pub in_flight_unseen: bool,
 }
 
 impl Reading {

@@ -57,6 +57,8 @@ impl From<Reading> for super::Reading {
             finished: Some(r.finished),
             position: Some(r.delivered),
             cap: None,
+            // Pending + ack-pending: in flight included.
+            in_flight_unseen: false,
         }
     }
 }

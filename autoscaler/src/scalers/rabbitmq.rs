@@ -115,6 +115,7 @@ impl From<Reading> for super::Reading {
         Self {
             value: r.backlog,
             finished: r.finished,
+            in_flight_unseen: r.unacked.is_none(),
             ..Self::default()
         }
     }
