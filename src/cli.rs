@@ -130,6 +130,10 @@ struct ConnectorArgs {
     /// Deliveries in flight across all functions.
     #[arg(long, env = "EBB_MAX_INFLIGHT_TOTAL", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
     max_inflight_total: u32,
+    /// Bytes of all messages the connector holds at once (in flight, held,
+    /// waiting to retry), e.g. 64MiB; pulls are bounded by what is left.
+    #[arg(long, env = "EBB_MAX_INFLIGHT_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    max_inflight_bytes: u64,
     /// Smallest delay between retries (doubling up to --retry-max-delay, with full jitter).
     #[arg(long, env = "EBB_RETRY_BASE_DELAY", default_value = "200ms", value_parser = parse_duration)]
     retry_base_delay: Duration,
@@ -647,6 +651,7 @@ fn connector_common(
         },
         resolver: None,
         retain_removed: a.retain_removed,
+        max_inflight_bytes: usize::try_from(a.max_inflight_bytes.max(1)).unwrap_or(usize::MAX),
     })
 }
 

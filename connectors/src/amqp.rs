@@ -1006,13 +1006,24 @@ async fn consume(
                 .await;
             break;
         };
+        let mut slots = Slots::new(own, any);
+        if !c.admit(&mut slots, msg.data.len()).await {
+            let _ = msg
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            break;
+        }
         let event = amqp_event(&msg, queue);
         let delivery = AmqpDelivery {
             attempt: attempt_of(&msg),
             msg,
             settling: settling.clone(),
         };
-        c.deliver(Slots::new(own, any), event, delivery, settling.sink.clone());
+        c.deliver(slots, event, delivery, settling.sink.clone());
     }
     // No more deliveries to this process: what the prefetch still holds
     // goes back to the queue (before any held event is given back, so the

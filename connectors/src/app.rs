@@ -51,6 +51,8 @@ pub struct CommonOptions {
     pub resolver: Option<crate::engine::Resolver>,
     /// How long a removed function's consumer is kept ([`Settings::retain_removed`]).
     pub retain_removed: Duration,
+    /// Bytes of all messages held at once ([`Settings::max_inflight_bytes`]).
+    pub max_inflight_bytes: usize,
 }
 
 /// What a running connector shares with its source.
@@ -192,6 +194,7 @@ pub async fn run_broker<S: Source>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     settings.retain_removed = common.retain_removed;
+    settings.max_inflight_bytes = common.max_inflight_bytes;
     let parts = Parts::start(common).await?;
     let r = supervisor::run(
         source,

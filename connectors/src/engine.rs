@@ -95,6 +95,12 @@ pub trait Delivery: Send {
     fn reply(&mut self, _body: Bytes) -> impl Future<Output = Result<(), Error>> + Send {
         async { Ok(()) }
     }
+    /// Whether the function's answer goes somewhere ([`Delivery::reply`]):
+    /// then it is read up to [`EngineConfig::max_response`], otherwise only
+    /// the first [`KEPT_RESPONSE`] bytes (what a dead letter keeps).
+    fn replies(&self) -> bool {
+        false
+    }
     /// How long the source lets a message stay unacked (RabbitMQ closes
     /// the channel of a consumer past its `consumer_timeout`); a hold or a
     /// retry pause that would last longer hands the message back with
@@ -147,6 +153,9 @@ impl<R: Reply> InProcess<R> {
 }
 
 impl<R: Reply> Delivery for InProcess<R> {
+    fn replies(&self) -> bool {
+        self.reply.is_some()
+    }
     async fn ack(&mut self) -> Result<(), Error> {
         Ok(())
     }
@@ -351,7 +360,8 @@ pub struct EngineConfig {
     /// How long an event may wait for a ready replica before that counts as a failed attempt.
     pub hold_timeout: Duration,
     pub signer: Option<Signer>,
-    /// Largest response body kept (for replies and dead letters).
+    /// Largest response body read for a reply (core NATS request/reply);
+    /// other responses are read up to [`KEPT_RESPONSE`].
     pub max_response: usize,
     /// Local replicas picked by the engine (`ebb dev`); `None` calls URLs.
     pub resolver: Option<Resolver>,
@@ -482,7 +492,7 @@ impl Engine {
     }
 
     /// One call of `event` to `f`.
-    pub async fn call(&self, t: &Target, event: &Event, attempt: u32) -> CallResult {
+    pub async fn call(&self, t: &Target, event: &Event, attempt: u32, keep: usize) -> CallResult {
         let f = &*t.spec;
         let uri = match &t.endpoints {
             None => t.uri.clone(),
@@ -501,7 +511,7 @@ impl Engine {
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let max_response = self.config.max_response;
+        let max_response = keep;
         let exchange = async {
             let resp = self.http.request(req).await.map_err(CallError::Send)?;
             let (parts, body) = resp.into_parts();
@@ -891,10 +901,15 @@ impl Engine {
         event: &Event,
         attempt: u32,
     ) -> CallResult {
-        let Some(every) = d.progress_interval() else {
-            return self.call(t, event, attempt).await;
+        let keep = if d.replies() {
+            self.config.max_response
+        } else {
+            KEPT_RESPONSE
         };
-        let call = self.call(t, event, attempt);
+        let Some(every) = d.progress_interval() else {
+            return self.call(t, event, attempt, keep).await;
+        };
+        let call = self.call(t, event, attempt, keep);
         tokio::pin!(call);
         loop {
             tokio::select! {
@@ -1034,6 +1049,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Reads a response body, keeping at most `max` bytes of it.
+/// How much of a response is read when nothing but a dead letter can use
+/// it (`ebb-last-response` keeps the first KiB).
+pub const KEPT_RESPONSE: usize = 1024;
+
+/// The first `max` bytes of `body`; the rest is read and dropped, so memory
+/// stays bounded by `max` whatever the function answers.
 async fn read_body(mut body: hyper::body::Incoming, max: usize) -> Result<Bytes, hyper::Error> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {

@@ -1,5 +1,6 @@
 //! A concurrency limit whose bound can change while permits are out (a
-//! function's limit follows its ready replicas).
+//! function's limit follows its ready replicas); permits are units (calls)
+//! or weights (bytes).
 
 use std::sync::{Arc, Mutex};
 
@@ -17,16 +18,17 @@ struct State {
     max: usize,
 }
 
-/// One unit of a [`Limit`], given back on drop.
+/// Units of a [`Limit`], given back on drop.
 #[derive(Debug)]
 pub struct Permit {
     limit: Arc<Limit>,
+    n: usize,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Ok(mut s) = self.limit.state.lock() {
-            s.used = s.used.saturating_sub(1);
+            s.used = s.used.saturating_sub(self.n);
         }
         self.limit.notify.notify_waiters();
     }
@@ -65,23 +67,35 @@ impl Limit {
     }
 
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.try_acquire_n(1)
+    }
+
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
+        self.acquire_n(1).await
+    }
+
+    /// `n` units if they fit now. More than the bound fits when nothing is
+    /// out (one message larger than a byte budget still goes, alone).
+    pub fn try_acquire_n(self: &Arc<Self>, n: usize) -> Option<Permit> {
         let mut s = self.state.lock().ok()?;
-        if s.used < s.max {
-            s.used += 1;
+        if s.used + n <= s.max || (s.used == 0 && s.max > 0) {
+            s.used += n;
             Some(Permit {
                 limit: Arc::clone(self),
+                n,
             })
         } else {
             None
         }
     }
 
-    pub async fn acquire(self: &Arc<Self>) -> Permit {
+    /// `n` units, once they fit (see [`Limit::try_acquire_n`]).
+    pub async fn acquire_n(self: &Arc<Self>, n: usize) -> Permit {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(p) = self.try_acquire() {
+            if let Some(p) = self.try_acquire_n(n) {
                 return p;
             }
             notified.await;
@@ -121,5 +135,22 @@ mod tests {
         assert!(l.try_acquire().is_none());
         l.set_max(3);
         assert!(l.try_acquire().is_some());
+    }
+
+    #[test]
+    fn weighted_permits_fit_the_bound_and_an_oversized_one_goes_alone() {
+        let l = Limit::new(100);
+        let a = l.try_acquire_n(60).unwrap();
+        assert!(l.try_acquire_n(50).is_none());
+        let b = l.try_acquire_n(40).unwrap();
+        assert_eq!(l.in_use(), 100);
+        drop(a);
+        assert_eq!(l.in_use(), 40);
+        assert!(l.try_acquire_n(500).is_none(), "not beside another");
+        drop(b);
+        let big = l.try_acquire_n(500).expect("alone");
+        assert!(l.try_acquire_n(1).is_none());
+        drop(big);
+        assert_eq!(l.in_use(), 0);
     }
 }

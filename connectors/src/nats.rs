@@ -223,6 +223,38 @@ impl DeadLetterSink for NatsDeadLetters {
 /// ack wait).
 const EXPIRE_WITHIN: Duration = Duration::from_secs(120);
 
+/// The largest message a pull must be able to hold: nats-server's
+/// `max_payload` upper limit (64 MiB) is far above its default (1 MiB); a
+/// pull bounded below a stored message's size would never receive it.
+const MAX_PAYLOAD: usize = 8 << 20;
+
+/// Payloads from this size up are copied out of the client's read buffer
+/// into an allocation of their own.
+const OWN_PAYLOAD_FROM: usize = 16 << 10;
+
+/// Gives a large payload an allocation of its own. The client hands out
+/// payloads as slices of its read buffer, and a held slice keeps the whole
+/// buffer chunk alive (up to twice the message): copied once, a held
+/// message costs its own size, which is what the byte budget counts.
+fn own_payload(payload: &mut Bytes) {
+    if payload.len() >= OWN_PAYLOAD_FROM {
+        *payload = Bytes::copy_from_slice(payload);
+    }
+}
+
+/// The bytes a message takes in memory: its payload and headers.
+fn message_bytes(payload: &Bytes, headers: Option<&async_nats::HeaderMap>) -> usize {
+    let headers = headers.map_or(0, |h| {
+        h.iter()
+            .map(|(name, values)| {
+                let name: &str = name.as_ref();
+                name.len() + values.iter().map(|v| v.as_str().len()).sum::<usize>()
+            })
+            .sum()
+    });
+    payload.len() + headers
+}
+
 /// How long one pull request waits at the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long past its expiry a pull is waited for before it is taken as lost.
@@ -628,6 +660,7 @@ async fn consume_js(
     stream_name: String,
     ack_wait: Duration,
 ) {
+    let max_payload = MAX_PAYLOAD;
     let mut errors = Retrying::new(Duration::from_millis(100), Duration::from_secs(5));
     'pull: loop {
         // Pull only as many messages as there are free slots: when the
@@ -642,9 +675,14 @@ async fn consume_js(
             };
             slots.push(more);
         }
+        // Bounded in bytes too: no more than the byte budget left, yet
+        // never below the largest message the server takes (a pull that
+        // cannot hold the next message would never get it).
+        let max_bytes = c.bytes_available().max(max_payload);
         let batch = consumer
             .batch()
             .max_messages(slots.len())
+            .max_bytes(max_bytes)
             .expires(PULL_EXPIRES)
             .messages()
             .await;
@@ -683,16 +721,28 @@ async fn consume_js(
                     break;
                 }
             };
-            let Some(slots) = slots.pop() else {
+            let Some(mut slots) = slots.pop() else {
                 // More than asked for cannot happen; give it back rather than
                 // exceed the limit.
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
             };
+            if !c
+                .admit(
+                    &mut slots,
+                    message_bytes(&msg.payload, msg.headers.as_ref()),
+                )
+                .await
+            {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                break 'pull;
+            }
             let attempt = msg
                 .info()
                 .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
                 .unwrap_or(1);
+            let mut msg = msg;
+            own_payload(&mut msg.message.payload);
             let event = js_event(&msg, &stream_name);
             let delivery = JsDelivery {
                 msg,
@@ -713,7 +763,7 @@ async fn consume_core(
 ) {
     let mut messages = futures::stream::select_all(subs);
     loop {
-        let Some(slots) = c.slots().await else {
+        let Some(mut slots) = c.slots().await else {
             break;
         };
         let next = tokio::select! {
@@ -721,6 +771,15 @@ async fn consume_core(
             () = c.stop.cancelled() => break,
         };
         let Some(msg) = next else { break };
+        if !c
+            .admit(
+                &mut slots,
+                message_bytes(&msg.payload, msg.headers.as_ref()),
+            )
+            .await
+        {
+            break;
+        }
         let id = msg
             .headers
             .as_ref()

@@ -156,6 +156,9 @@ pub struct Consumer {
     pub limit: Arc<Limit>,
     /// Deliveries in flight across the process.
     pub global: Arc<Limit>,
+    /// Bytes of the messages the process holds (in flight, held, waiting
+    /// to retry): `--max-inflight-bytes`.
+    pub bytes: Arc<Limit>,
     pub engine: Arc<Engine>,
     /// Where its deliveries run; drained when it stops.
     pub tracker: TaskTracker,
@@ -167,10 +170,12 @@ pub struct Consumer {
     pub abandoned: CancellationToken,
 }
 
-/// A slot of the function and one of the process, held for one delivery.
+/// A slot of the function and one of the process, held for one delivery,
+/// and once its message is in hand, the message's bytes.
 pub struct Slots {
     _function: Permit,
     _process: Permit,
+    bytes: Option<Permit>,
 }
 
 impl Slots {
@@ -178,6 +183,7 @@ impl Slots {
         Self {
             _function: function,
             _process: process,
+            bytes: None,
         }
     }
 }
@@ -209,6 +215,25 @@ impl Consumer {
         let function = self.function_slot().await?;
         let process = self.process_slot().await?;
         Some(Slots::new(function, process))
+    }
+
+    /// Takes `len` bytes of the process's byte budget for the message
+    /// `slots` were taken for; waits while the budget is spent (the message
+    /// waits with its source meanwhile). `false` once stopped: give the
+    /// message back.
+    pub async fn admit(&self, slots: &mut Slots, len: usize) -> bool {
+        tokio::select! {
+            p = self.bytes.acquire_n(len) => {
+                slots.bytes = Some(p);
+                true
+            }
+            () = self.stop.cancelled() => false,
+        }
+    }
+
+    /// Bytes the process may still take in (for byte-bounded pulls).
+    pub fn bytes_available(&self) -> usize {
+        self.bytes.available()
     }
 
     /// Both slots if free now.
@@ -325,6 +350,8 @@ pub struct Settings {
     /// How long a removed function's consumer, queue or offsets are kept
     /// (with what it holds) in case it comes back.
     pub retain_removed: Duration,
+    /// Bytes of all messages the process holds at once.
+    pub max_inflight_bytes: usize,
 }
 
 impl Settings {
@@ -334,8 +361,12 @@ impl Settings {
             max_inflight_total,
             drain_timeout,
             retain_removed: Self::RETAIN_REMOVED,
+            max_inflight_bytes: Self::MAX_INFLIGHT_BYTES,
         }
     }
+
+    /// The default of [`Settings::max_inflight_bytes`]: 64 MiB.
+    pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 
     /// The default of [`Settings::retain_removed`]: a day.
     pub const RETAIN_REMOVED: Duration = Duration::from_secs(24 * 3600);
@@ -429,6 +460,7 @@ struct Supervisor<S: Source> {
     source: S,
     engine: Arc<Engine>,
     global: Arc<Limit>,
+    bytes: Arc<Limit>,
     settings: Settings,
     running: HashMap<FunctionKey, Running>,
     /// Consumers winding down in the background, by function.
@@ -557,6 +589,7 @@ impl<S: Source> Supervisor<S> {
                 target: target.clone(),
                 limit: limit.clone(),
                 global: self.global.clone(),
+                bytes: self.bytes.clone(),
                 engine: self.engine.clone(),
                 tracker: tracker.clone(),
                 stop: stop.clone(),
@@ -758,6 +791,7 @@ pub async fn run<S: Source>(
     let mut sv = Supervisor {
         source,
         global: Limit::new(settings.max_inflight_total.max(1)),
+        bytes: Limit::new(settings.max_inflight_bytes.max(1)),
         engine,
         settings,
         running: HashMap::new(),

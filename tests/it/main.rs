@@ -43,6 +43,7 @@ mod dev;
 mod kafka_connector;
 mod kube_discovery;
 mod kube_lease;
+mod memory;
 mod nats_connector;
 mod nats_core;
 mod nats_kubernetes;

@@ -1045,7 +1045,9 @@ async fn a_stack_file_change_reroutes_without_a_restart() {
     let env = Env::start().await;
     let (a, b) = (Sink::start().await, Sink::start().await);
     env.write_stack(&[func("a", &a.url(), &["t1"])]);
-    let mut connector = env.connector(&["--reload-interval", "200ms"]).await;
+    let mut connector = env
+        .connector(&["--reload-interval", "200ms", "--retain-removed", "1s"])
+        .await;
     env.wait_consumers(&["a"]).await;
     env.publish("t1", "one").await;
     a.wait_for_calls(1, DELIVERY).await;
@@ -1075,7 +1077,7 @@ async fn a_stack_file_change_reroutes_without_a_restart() {
     assert_eq!(got_a, ["four", "one", "three"]);
     assert_eq!(bodies(&b), ["two"]);
 
-    // b removed again: its consumer goes.
+    // b removed again: its consumer goes once its retention passed.
     env.write_stack(&[func("a", &a.url(), &["t1", "t3"])]);
     wait_until(DELIVERY, "b's consumer to be deleted", || async {
         env.consumer("b").await.is_err()
