@@ -26,7 +26,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::policy::{self, Decision, Input, Observed, PolicyState, ScaleSpec, Serving};
@@ -57,74 +56,29 @@ struct InputLabel {
     input: &'static str,
 }
 
-/// The poll's metrics (`ebb_autoscaler_…`), labelled by function key
-/// (`namespace/name`).
-#[derive(Clone)]
-pub struct Metrics {
-    desired: Family<FnLabel, Gauge>,
-    current: Family<FnLabel, Gauge>,
-    value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    decisions: Family<ReasonLabel, Counter>,
-    scaler_errors: Family<ScalerLabel, Counter>,
-    patches: Family<FnLabel, Counter>,
-    patch_errors: Family<FnLabel, Counter>,
-    /// One poll over every function.
-    poll_duration: Histogram,
-}
-
-impl Metrics {
-    pub fn register(r: &mut Registry) -> Self {
-        let m = Self {
-            desired: Family::default(),
-            current: Family::default(),
-            value: Family::default(),
-            decisions: Family::default(),
-            scaler_errors: Family::default(),
-            patches: Family::default(),
-            patch_errors: Family::default(),
-            poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-        };
-        r.register(
-            "ebb_autoscaler_desired_replicas",
-            "Replicas the policy asks for",
-            m.desired.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_current_replicas",
-            "Replicas the workload has",
-            m.current.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_metric_value",
-            "Last value read per input",
-            m.value.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_decisions",
-            "Policy decisions by reason",
-            m.decisions.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scaler_errors",
-            "Inputs that could not be read",
-            m.scaler_errors.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patches",
-            "Scale changes applied (on Kubernetes, scale subresource patches)",
-            m.patches.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patch_errors",
-            "Scale changes that failed",
-            m.patch_errors.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_poll_duration_seconds",
-            "One poll: every function's inputs read, its count decided and applied",
-            m.poll_duration.clone(),
-        );
-        m
+ebb_runtime::metrics! {
+    /// The poll's metrics (`ebb_autoscaler_…`), labelled by function key
+    /// (`namespace/name`).
+    #[derive(Clone)]
+    pub struct Metrics {
+        /// Replicas the policy asks for.
+        desired: Family<FnLabel, Gauge> as "ebb_autoscaler_desired_replicas",
+        /// Replicas the workload has.
+        current: Family<FnLabel, Gauge> as "ebb_autoscaler_current_replicas",
+        /// Last value read per input.
+        value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>
+            as "ebb_autoscaler_metric_value",
+        /// Policy decisions by reason.
+        decisions: Family<ReasonLabel, Counter> as "ebb_autoscaler_decisions",
+        /// Inputs that could not be read.
+        scaler_errors: Family<ScalerLabel, Counter> as "ebb_autoscaler_scaler_errors",
+        /// Scale changes applied (on Kubernetes, scale subresource patches).
+        patches: Family<FnLabel, Counter> as "ebb_autoscaler_scale_patches",
+        /// Scale changes that failed.
+        patch_errors: Family<FnLabel, Counter> as "ebb_autoscaler_scale_patch_errors",
+        /// One poll: every function's inputs read, its count decided and applied.
+        poll_duration: Histogram as "ebb_autoscaler_poll_duration_seconds"
+            = Histogram::new(exponential_buckets(0.001, 2.0, 16)),
     }
 }
 
@@ -387,6 +341,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use prometheus_client::registry::Registry;
+
     use crate::policy::Reason;
     use crate::scalers::{ReadError, ReadFuture, Reading};
     use crate::target::{Applying, ReplicaCounts};

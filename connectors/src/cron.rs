@@ -33,7 +33,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -216,48 +215,23 @@ struct FunctionLabel {
     function: String,
 }
 
-/// The cron connector's own metrics.
-#[derive(Clone)]
-pub struct CronMetrics {
-    fires: Family<FunctionLabel, Counter>,
-    missed: Family<FunctionLabel, Counter>,
-    skipped: Family<FunctionLabel, Counter>,
-    replaced: Family<FunctionLabel, Counter>,
-    /// Fire start − scheduled instant.
-    firing_error: Histogram,
-}
-
-impl CronMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            fires: Family::default(),
-            missed: Family::default(),
-            skipped: Family::default(),
-            replaced: Family::default(),
-            firing_error: Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
-        };
-        registry.register("ebb_cron_fires", "Ticks fired", m.fires.clone());
-        registry.register(
-            "ebb_cron_missed",
-            "Ticks that could not fire in time (downtime, failover) and were not fired late",
-            m.missed.clone(),
-        );
-        registry.register(
-            "ebb_cron_skipped",
-            "Ticks skipped because the previous fire still ran (concurrency: forbid)",
-            m.skipped.clone(),
-        );
-        registry.register(
-            "ebb_cron_replaced",
-            "Running fires cancelled by the next tick (concurrency: replace)",
-            m.replaced.clone(),
-        );
-        registry.register(
-            "ebb_cron_firing_error_seconds",
-            "How late a fire started after its scheduled instant",
-            m.firing_error.clone(),
-        );
-        m
+ebb_runtime::metrics! {
+    /// The cron connector's own metrics.
+    #[derive(Clone)]
+    pub struct CronMetrics {
+        /// Ticks fired.
+        fires: Family<FunctionLabel, Counter> as "ebb_cron_fires",
+        /// Ticks that could not fire in time (downtime, failover) and were not fired late.
+        missed: Family<FunctionLabel, Counter> as "ebb_cron_missed",
+        /// Ticks skipped because the previous fire still ran (concurrency: forbid).
+        skipped: Family<FunctionLabel, Counter> as "ebb_cron_skipped",
+        /// Running fires cancelled by the next tick (concurrency: replace).
+        replaced: Family<FunctionLabel, Counter> as "ebb_cron_replaced",
+        /// How late a fire started after its scheduled instant.
+        ///
+        /// Fire start − scheduled instant.
+        firing_error: Histogram as "ebb_cron_firing_error_seconds"
+            = Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
     }
 }
 
@@ -695,6 +669,7 @@ mod tests {
     use super::*;
     use crate::engine::EngineConfig;
     use crate::metrics::Metrics;
+    use prometheus_client::registry::Registry;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn at(s: &str) -> DateTime<Utc> {
