@@ -564,7 +564,8 @@ async fn read_secret(path: &Path) -> Result<String, ScalerError> {
 
 /// Why a Prometheus value could not be read. The caller treats every error as
 /// "unknown" (hold the current count), never as 0.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum ScalerError {
     /// The URL does not parse or is not http(s).
     #[error("invalid URL {url:?}: {reason}")]
@@ -608,6 +609,7 @@ pub enum ScalerError {
     EmptyResult { query: String },
     /// Prometheus answered `"status":"error"`.
     #[error("Prometheus query failed ({error_type}): {message}")]
+    #[strum(serialize = "query_error")]
     Query { error_type: String, message: String },
     /// The query returned a matrix or a string.
     #[error("query result type {0:?} is not a vector or a scalar")]
@@ -620,23 +622,7 @@ pub enum ScalerError {
 impl ScalerError {
     /// A bounded label for `ebb_errors_total{error}`.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Url { .. } => "url",
-            Self::Credentials { .. } => "credentials",
-            Self::Tls { .. } => "tls",
-            Self::Timeout(_) => "timeout",
-            Self::Connect(_) => "connect",
-            Self::Http(_) => "http",
-            Self::HttpStatus { .. } => "http_status",
-            Self::BodyTooLarge { .. } => "body_too_large",
-            Self::Parse(_) => "parse",
-            Self::Decode(_) => "decode",
-            Self::MissingSeries(_) => "missing_series",
-            Self::EmptyResult { .. } => "empty_result",
-            Self::Query { .. } => "query_error",
-            Self::UnsupportedResult(_) => "unsupported_result",
-            Self::NotFinite(_) => "not_finite",
-        }
+        self.into()
     }
 }
 
