@@ -524,31 +524,19 @@ impl fmt::Display for Reason {
                 value,
                 target,
                 replicas,
-                capped,
-            } => {
-                write!(f, "{input} {value}/{target} → {replicas}")?;
-                if *capped {
-                    write!(f, " (rate-capped)")?;
-                }
-                Ok(())
-            }
+                ..
+            } => write!(f, "{input} {value}/{target} → {replicas}"),
             Reason::Rate {
                 input,
                 value,
                 arrivals,
                 per_replica,
                 replicas,
-                capped,
-            } => {
-                write!(
-                    f,
-                    "{input} {value}, arriving {arrivals:.1}/s, {per_replica:.1}/s a replica → {replicas}"
-                )?;
-                if *capped {
-                    write!(f, " (rate-capped)")?;
-                }
-                Ok(())
-            }
+                ..
+            } => write!(
+                f,
+                "{input} {value}, arriving {arrivals:.1}/s, {per_replica:.1}/s a replica → {replicas}"
+            ),
             Reason::Wake {
                 input,
                 value,
@@ -571,7 +559,11 @@ impl fmt::Display for Reason {
             Reason::Fallback { input, replicas } => {
                 write!(f, "{input} unknown {FALLBACK_AFTER}× → fallback {replicas}")
             }
+        }?;
+        if let Reason::Work { capped: true, .. } | Reason::Rate { capped: true, .. } = self {
+            write!(f, " (rate-capped)")?;
         }
+        Ok(())
     }
 }
 
@@ -610,198 +602,201 @@ pub fn decide_with(
     st: &mut PolicyState,
     now: Instant,
 ) -> Decision {
-    let d = decide_inner(obs, serving, spec, st, now);
+    let d = st.choose(obs, serving, spec, now);
     st.rates
         .ordered(now, obs.current, d.replicas.unwrap_or(obs.current));
     d
 }
 
-fn decide_inner(
-    obs: &Observed,
-    serving: Serving,
-    spec: &ScaleSpec,
-    st: &mut PolicyState,
-    now: Instant,
-) -> Decision {
-    let current = obs.current;
-    let upper = obs.cap.map_or(spec.max, |c| spec.max.min(c.max(1)));
-    let clamp = |n: u32| n.max(spec.min).min(upper.max(spec.min));
-    // Woken since the last decision (a connector's wake-up scales 0 → 1
-    // knowing of one message): this decision finishes the wake, which is
-    // not rate-capped either.
-    let woken = st.last_current == Some(0) && current > 0;
-    st.last_current = Some(current);
+impl PolicyState {
+    /// The decision at `now`; [`decide_with`] records the order it makes.
+    fn choose(
+        &mut self,
+        obs: &Observed,
+        serving: Serving,
+        spec: &ScaleSpec,
+        now: Instant,
+    ) -> Decision {
+        let current = obs.current;
+        let upper = obs.cap.map_or(spec.max, |c| spec.max.min(c.max(1)));
+        let clamp = |n: u32| n.max(spec.min).min(upper.max(spec.min));
+        // Woken since the last decision (a connector's wake-up scales 0 → 1
+        // knowing of one message): this decision finishes the wake, which is
+        // not rate-capped either.
+        let woken = self.last_current == Some(0) && current > 0;
+        self.last_current = Some(current);
 
-    if spec.paused {
-        st.rates.forget();
-        return hold(Reason::Paused);
-    }
+        if spec.paused {
+            self.rates.forget();
+            return hold(Reason::Paused);
+        }
 
-    // Missing data never scales down: hold, or fall back after a while.
-    if let Some(unknown) = obs.inputs.iter().find(|i| i.value.is_none()) {
-        st.unknown_streak = st.unknown_streak.saturating_add(1);
-        st.idle_since = None;
-        st.rates.forget();
-        if let Some(fb) = spec.fallback
-            && st.unknown_streak >= FALLBACK_AFTER
+        // Missing data never scales down: hold, or fall back after a while.
+        if let Some(unknown) = obs.inputs.iter().find(|i| i.value.is_none()) {
+            self.unknown_streak = self.unknown_streak.saturating_add(1);
+            self.idle_since = None;
+            self.rates.forget();
+            if let Some(fb) = spec.fallback
+                && self.unknown_streak >= FALLBACK_AFTER
+            {
+                let replicas = clamp(fb);
+                return set(
+                    current,
+                    replicas,
+                    Reason::Fallback {
+                        input: unknown.name,
+                        replicas,
+                    },
+                );
+            }
+            return hold(Reason::Unknown {
+                input: unknown.name,
+            });
+        }
+        self.unknown_streak = 0;
+
+        // Each input asks for ceil(value / target); the largest wins.
+        let target = if spec.target > 0.0 { spec.target } else { 1.0 };
+        let mut busiest: Option<(&'static str, f64, u32)> = None;
+        for i in &obs.inputs {
+            let v = i.value.unwrap_or(0.0).max(0.0);
+            let want = (v / target).ceil().min(u32::MAX as f64) as u32;
+            if busiest.is_none_or(|(_, bv, bw)| want > bw || (want == bw && v > bv)) {
+                busiest = Some((i.name, v, want));
+            }
+        }
+        let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
+        self.rates.observe(now, value, current, serving);
+        let measured = self.rates.arrivals.is_some() && self.rates.per_replica.is_some();
+        // The usual cap on a step up from `n`.
+        let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
+        let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
+        if idle {
+            self.idle_since.get_or_insert(now);
+        } else {
+            self.idle_since = None;
+        }
+
+        // At zero: wake at the first sign of work above the activation level.
+        if current == 0 {
+            let max_value = obs
+                .inputs
+                .iter()
+                .map(|i| i.value.unwrap_or(0.0))
+                .fold(0.0, f64::max);
+            let work = max_value > spec.activation.max(0.0);
+            if work || spec.min > 0 {
+                let replicas = clamp(want.max(1));
+                self.leap = !measured && replicas > step_cap(0);
+                let blind = self.leap.then_some(value);
+                self.remember(now, replicas, blind, spec.scale_down_window);
+                let reason = if work {
+                    Reason::Wake {
+                        input,
+                        value,
+                        replicas,
+                    }
+                } else {
+                    Reason::Minimum { replicas }
+                };
+                return set(current, replicas, reason);
+            }
+            return hold(Reason::Idle);
+        }
+
+        // While replicas run, the recommendation never drops below one: only
+        // the idle timer takes a function to zero.
+        let floor = |n: u32| clamp(n).max(1.min(upper));
+        if woken {
+            self.woke(now, spec.scale_down_window);
+        }
+        self.revise(now, target, upper, floor);
+        let by_backlog = floor(want);
+        let ready = serving.ready.unwrap_or(current);
+        let by_rate = self
+            .rates
+            .recommend(now, value, target, current, ready, upper)
+            .filter(|r| floor(r.replicas) < by_backlog);
+        // Before a replica's throughput is measured (which takes deliveries),
+        // backlog that piles up while the replicas asked for still start says
+        // nothing about how many it needs: wait for them (one cold start)
+        // before asking for more. Without deliveries it would never be
+        // measured, so there every step goes by the backlog.
+        let blind_starting = !woken
+            && serving.delivered.is_some()
+            && serving.ready.is_some_and(|r| r < current)
+            && self.rates.per_replica.is_none()
+            && by_backlog > current;
+        if blind_starting {
+            let blind = self.leap.then_some(value);
+            self.remember(now, current, blind, spec.scale_down_window);
+            return hold(Reason::Starting {
+                ready: serving.ready.unwrap_or(current),
+                replicas: current,
+            });
+        }
+        let rec = by_rate.map_or(by_backlog, |r| floor(r.replicas));
+        let reason = |replicas: u32, capped: bool| match by_rate {
+            Some(r) => Reason::Rate {
+                input,
+                value,
+                arrivals: r.arrivals,
+                per_replica: r.per_replica,
+                replicas,
+                capped,
+            },
+            None => Reason::Work {
+                input,
+                value,
+                target,
+                replicas,
+                capped,
+            },
+        };
+        if woken && !measured && rec > step_cap(current) {
+            self.leap = true;
+        }
+        let blind = self.leap.then_some(value);
+        self.remember(now, rec, blind, spec.scale_down_window);
+
+        if spec.min == 0
+            && let Some(since) = self.idle_since
+            && now.duration_since(since) >= spec.scale_to_zero_after
         {
-            let replicas = clamp(fb);
+            self.history.clear();
+            self.leap = false;
             return set(
                 current,
-                replicas,
-                Reason::Fallback {
-                    input: unknown.name,
-                    replicas,
+                0,
+                Reason::IdleToZero {
+                    after: spec.scale_to_zero_after,
                 },
             );
         }
-        return hold(Reason::Unknown {
-            input: unknown.name,
-        });
-    }
-    st.unknown_streak = 0;
 
-    // Each input asks for ceil(value / target); the largest wins.
-    let target = if spec.target > 0.0 { spec.target } else { 1.0 };
-    let mut busiest: Option<(&'static str, f64, u32)> = None;
-    for i in &obs.inputs {
-        let v = i.value.unwrap_or(0.0).max(0.0);
-        let want = (v / target).ceil().min(u32::MAX as f64) as u32;
-        if busiest.is_none_or(|(_, bv, bw)| want > bw || (want == bw && v > bv)) {
-            busiest = Some((i.name, v, want));
+        if rec > current {
+            let cap = if woken { u32::MAX } else { step_cap(current) };
+            let replicas = rec.min(cap);
+            return set(current, replicas, reason(replicas, replicas < rec));
         }
-    }
-    let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
-    st.rates.observe(now, value, current, serving);
-    let measured = st.rates.arrivals.is_some() && st.rates.per_replica.is_some();
-    // The usual cap on a step up from `n`.
-    let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
-    let idle = !obs.activity && obs.inputs.iter().all(|i| i.value == Some(0.0));
-    if idle {
-        st.idle_since.get_or_insert(now);
-    } else {
-        st.idle_since = None;
-    }
-
-    // At zero: wake at the first sign of work above the activation level.
-    if current == 0 {
-        let max_value = obs
-            .inputs
-            .iter()
-            .map(|i| i.value.unwrap_or(0.0))
-            .fold(0.0, f64::max);
-        let work = max_value > spec.activation.max(0.0);
-        if work || spec.min > 0 {
-            let replicas = clamp(want.max(1));
-            st.leap = !measured && replicas > step_cap(0);
-            let blind = st.leap.then_some(value);
-            st.remember(now, replicas, blind, spec.scale_down_window);
-            let reason = if work {
-                Reason::Wake {
-                    input,
-                    value,
-                    replicas,
-                }
-            } else {
-                Reason::Minimum { replicas }
-            };
-            return set(current, replicas, reason);
+        if rec < current {
+            let window_max = self.history.iter().map(|r| r.replicas).max().unwrap_or(rec);
+            let window_full = self
+                .history
+                .front()
+                .is_some_and(|r| now.duration_since(r.at) >= spec.scale_down_window);
+            if window_max < current && window_full {
+                return set(current, window_max, reason(window_max, false));
+            }
+            return hold(Reason::Stabilizing { window_max });
         }
-        return hold(Reason::Idle);
-    }
-
-    // While replicas run, the recommendation never drops below one: only
-    // the idle timer takes a function to zero.
-    let floor = |n: u32| clamp(n).max(1.min(upper));
-    if woken {
-        st.woke(now, spec.scale_down_window);
-    }
-    st.revise(now, target, upper, floor);
-    let by_backlog = floor(want);
-    let ready = serving.ready.unwrap_or(current);
-    let by_rate = st
-        .rates
-        .recommend(now, value, target, current, ready, upper)
-        .filter(|r| floor(r.replicas) < by_backlog);
-    // Before a replica's throughput is measured (which takes deliveries),
-    // backlog that piles up while the replicas asked for still start says
-    // nothing about how many it needs: wait for them (one cold start)
-    // before asking for more. Without deliveries it would never be
-    // measured, so there every step goes by the backlog.
-    let blind_starting = !woken
-        && serving.delivered.is_some()
-        && serving.ready.is_some_and(|r| r < current)
-        && st.rates.per_replica.is_none()
-        && by_backlog > current;
-    if blind_starting {
-        let blind = st.leap.then_some(value);
-        st.remember(now, current, blind, spec.scale_down_window);
-        return hold(Reason::Starting {
-            ready: serving.ready.unwrap_or(current),
-            replicas: current,
-        });
-    }
-    let rec = by_rate.map_or(by_backlog, |r| floor(r.replicas));
-    let reason = |replicas: u32, capped: bool| match by_rate {
-        Some(r) => Reason::Rate {
-            input,
-            value,
-            arrivals: r.arrivals,
-            per_replica: r.per_replica,
-            replicas,
-            capped,
-        },
-        None => Reason::Work {
-            input,
-            value,
-            target,
-            replicas,
-            capped,
-        },
-    };
-    if woken && !measured && rec > step_cap(current) {
-        st.leap = true;
-    }
-    let blind = st.leap.then_some(value);
-    st.remember(now, rec, blind, spec.scale_down_window);
-
-    if spec.min == 0
-        && let Some(since) = st.idle_since
-        && now.duration_since(since) >= spec.scale_to_zero_after
-    {
-        st.history.clear();
-        st.leap = false;
-        return set(
-            current,
-            0,
-            Reason::IdleToZero {
-                after: spec.scale_to_zero_after,
-            },
-        );
-    }
-
-    if rec > current {
-        let cap = if woken { u32::MAX } else { step_cap(current) };
-        let replicas = rec.min(cap);
-        return set(current, replicas, reason(replicas, replicas < rec));
-    }
-    if rec < current {
-        let window_max = st.history.iter().map(|r| r.replicas).max().unwrap_or(rec);
-        let window_full = st
-            .history
-            .front()
-            .is_some_and(|r| now.duration_since(r.at) >= spec.scale_down_window);
-        if window_max < current && window_full {
-            return set(current, window_max, reason(window_max, false));
+        // Out-of-bounds counts (a user edited the Deployment) come back in range.
+        let bounded = clamp(current);
+        if bounded != current {
+            return set(current, bounded, reason(bounded, false));
         }
-        return hold(Reason::Stabilizing { window_max });
+        hold(Reason::Steady)
     }
-    // Out-of-bounds counts (a user edited the Deployment) come back in range.
-    let bounded = clamp(current);
-    if bounded != current {
-        return set(current, bounded, reason(bounded, false));
-    }
-    hold(Reason::Steady)
 }
 
 #[cfg(test)]
