@@ -865,32 +865,60 @@ mod tests {
         }
     }
 
-    /// Walks rows `(t seconds, backlog, inflight) -> (replicas after, reason label)`,
-    /// applying each decision to the current count.
-    /// `(t seconds, backlog, inflight, replicas after, reason label)`.
-    type Row<'a> = (u64, Option<f64>, Option<f64>, u32, &'a str);
+    /// One input, "nats", with `backlog` waiting.
+    fn queue(backlog: f64, current: u32, activity: bool) -> Observed {
+        Observed {
+            inputs: vec![Input {
+                name: "nats",
+                value: Some(backlog),
+            }],
+            current,
+            cap: None,
+            activity,
+        }
+    }
 
-    fn walk(spec: &ScaleSpec, start: u32, rows: &[Row<'_>]) {
+    /// Walks `rows` from `start` replicas: `step` makes of a row and the
+    /// current count `(t seconds, observed, serving, replicas after, reason
+    /// label)`, and each decision is applied to the count. Returns the
+    /// state, for a look at the estimates.
+    fn walk_steps<R: Copy + fmt::Debug>(
+        spec: &ScaleSpec,
+        start: u32,
+        rows: &[R],
+        step: impl Fn(R, u32) -> (u64, Observed, Serving, u32, &'static str),
+    ) -> PolicyState {
         let base = Instant::now();
         let mut st = PolicyState::default();
         let mut current = start;
-        for &(t, backlog, inflight, want, label) in rows {
-            let d = decide(
-                &obs(backlog, inflight, current),
-                spec,
-                &mut st,
-                base + Duration::from_secs(t),
-            );
-            if let Some(n) = d.replicas {
-                current = n;
-            }
+        for &row in rows {
+            let (t, o, serving, want, label) = step(row, current);
+            let d = decide_with(&o, serving, spec, &mut st, base + Duration::from_secs(t));
+            current = d.replicas.unwrap_or(current);
             assert_eq!(
                 (current, d.reason.label()),
                 (want, label),
-                "t={t}s backlog {backlog:?} inflight {inflight:?}: {}",
+                "{row:?}: {}",
                 d.reason
             );
         }
+        st
+    }
+
+    /// `(t seconds, backlog, inflight, replicas after, reason label)`.
+    type Row = (u64, Option<f64>, Option<f64>, u32, &'static str);
+
+    /// Walks rows through [`decide`], which knows nothing of the serving.
+    fn walk(spec: &ScaleSpec, start: u32, rows: &[Row]) {
+        walk_steps(
+            spec,
+            start,
+            rows,
+            |(t, backlog, inflight, want, label), current| {
+                let o = obs(backlog, inflight, current);
+                (t, o, Serving::default(), want, label)
+            },
+        );
     }
 
     #[test]
@@ -1133,40 +1161,19 @@ mod tests {
     }
 
     /// `(t seconds, backlog, delivered so far, ready) -> (replicas after, reason label)`.
-    type RateRow<'a> = (u64, f64, u64, u32, u32, &'a str);
+    type RateRow = (u64, f64, u64, u32, u32, &'static str);
 
-    /// Walks rows with [`Serving`] known, applying each decision; returns
-    /// the state for a look at the estimates.
-    fn walk_rates(spec: &ScaleSpec, start: u32, rows: &[RateRow<'_>]) -> PolicyState {
-        let base = Instant::now();
-        let mut st = PolicyState::default();
-        let mut current = start;
-        for &(t, backlog, delivered, ready, want, label) in rows {
-            let o = Observed {
-                inputs: vec![Input {
-                    name: "nats",
-                    value: Some(backlog),
-                }],
-                current,
-                cap: None,
-                activity: false,
-            };
+    /// Walks rows with [`Serving`] known; returns the state for a look at
+    /// the estimates.
+    fn walk_rates(spec: &ScaleSpec, start: u32, rows: &[RateRow]) -> PolicyState {
+        walk_steps(spec, start, rows, |row, current| {
+            let (t, backlog, delivered, ready, want, label) = row;
             let serving = Serving {
                 ready: Some(ready),
                 delivered: Some(delivered),
             };
-            let d = decide_with(&o, serving, spec, &mut st, base + Duration::from_secs(t));
-            if let Some(n) = d.replicas {
-                current = n;
-            }
-            assert_eq!(
-                (current, d.reason.label()),
-                (want, label),
-                "t={t}s backlog {backlog} delivered {delivered} ready {ready}: {}",
-                d.reason
-            );
-        }
-        st
+            (t, queue(backlog, current, false), serving, want, label)
+        })
     }
 
     fn rate_spec() -> ScaleSpec {
@@ -1366,15 +1373,7 @@ mod tests {
             let backlog = next(600) as f64;
             delivered += next(200);
             let ready = next(u64::from(current) + 1) as u32;
-            let o = Observed {
-                inputs: vec![Input {
-                    name: "nats",
-                    value: Some(backlog),
-                }],
-                current,
-                cap: None,
-                activity: true,
-            };
+            let o = queue(backlog, current, true);
             let serving = Serving {
                 ready: Some(ready),
                 delivered: Some(delivered),
@@ -1430,6 +1429,18 @@ mod tests {
             capped: false,
         };
         assert_eq!(r.to_string(), "nats 340/20 → 17");
+        let capped = Reason::Rate {
+            input: "nats",
+            value: 440.0,
+            arrivals: 40.0,
+            per_replica: 10.0,
+            replicas: 8,
+            capped: true,
+        };
+        assert_eq!(
+            capped.to_string(),
+            "nats 440, arriving 40.0/s, 10.0/s a replica → 8 (rate-capped)"
+        );
         assert_eq!(
             Reason::IdleToZero {
                 after: Duration::from_secs(300)
