@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::Path;
 use axum::response::IntoResponse;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -476,6 +478,13 @@ fn setup(spec: FunctionSpec, config: EngineConfig, autoscaler: Option<String>) -
     Setup { engine, target }
 }
 
+/// A function answering `script` at its own URL, and an engine calling it
+/// with [`config`]: where most tests start.
+async fn calling(tl: &Timeline, script: Vec<Answer>) -> Setup {
+    let url = function(tl, script).await;
+    setup(spec(&url), config(), None)
+}
+
 /// An engine that picks among `replicas` instead of calling a URL.
 fn setup_replicas(
     mut config: EngineConfig,
@@ -505,50 +514,32 @@ impl Setup {
     }
 
     fn outcome(&self, outcome: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .deliveries
-            .get_or_create(&OutcomeLabels {
-                function: FUNCTION.into(),
-                outcome,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().deliveries,
+            OutcomeLabels { function, outcome },
+        )
     }
 
     fn calls(&self, outcome: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .attempts
-            .get_or_create(&OutcomeLabels {
-                function: FUNCTION.into(),
-                outcome,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().attempts,
+            OutcomeLabels { function, outcome },
+        )
     }
 
     fn holds(&self, reason: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .holds
-            .get_or_create(&ReasonLabels {
-                function: FUNCTION.into(),
-                reason,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().holds,
+            ReasonLabels { function, reason },
+        )
     }
 
-    fn per_function(
-        &self,
-        family: &prometheus_client::metrics::family::Family<
-            FunctionLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-    ) -> u64 {
-        family
-            .get_or_create(&FunctionLabels {
-                function: FUNCTION.into(),
-            })
-            .get()
+    fn per_function(&self, family: &Family<FunctionLabels, Counter>) -> u64 {
+        let function = FUNCTION.into();
+        count(family, FunctionLabels { function })
     }
 
     fn retries(&self) -> u64 {
@@ -564,11 +555,7 @@ impl Setup {
     }
 
     fn errors(&self, error: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .errors
-            .get_or_create(&ErrorLabels { error })
-            .get()
+        count(&self.engine.metrics().errors, ErrorLabels { error })
     }
 
     fn inflight(&self) -> i64 {
@@ -580,6 +567,14 @@ impl Setup {
             })
             .get()
     }
+}
+
+/// The count of `family` for `labels`.
+fn count<L>(family: &Family<L, Counter>, labels: L) -> u64
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family.get_or_create(&labels).get()
 }
 
 fn event() -> Event {
@@ -604,6 +599,16 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap()
 }
 
+/// A call with this attempt number, answered 2xx with no body and acked, all
+/// at `at`.
+fn delivered(at: Duration, attempt: u32) -> [(Duration, Step); 3] {
+    [
+        (at, Step::Call(attempt)),
+        (at, Step::Reply(Bytes::new())),
+        (at, Step::Ack),
+    ]
+}
+
 /// The one delay of the one `RetryLater` among `steps`.
 fn retry_delay(steps: &[Step]) -> Duration {
     match steps {
@@ -618,8 +623,7 @@ fn retry_delay(steps: &[Step]) -> Duration {
 #[tokio::test(start_paused = true)]
 async fn a_2xx_is_acked_once_and_counted_delivered() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).body("done")]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(200).body("done")]).await;
     let sink = Sink::new(&tl);
 
     s.deliver(Fake::new(&tl).redelivering(), &sink).await;
@@ -646,8 +650,7 @@ async fn a_2xx_is_acked_once_and_counted_delivered() {
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_delay() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(500)]).await;
     let sink = Sink::new(&tl);
 
     // The broker's third delivery: the engine numbers the call 3 and backs
@@ -670,8 +673,7 @@ async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_del
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_calls_again() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(503), answer(500), answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(503), answer(500), answer(200)]).await;
     let sink = Sink::new(&tl);
 
     s.deliver(Fake::new(&tl), &sink).await;
@@ -771,14 +773,7 @@ async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_
     });
 
     // Called the moment the replica was ready, as attempt 1: holds are not attempts.
-    assert_eq!(
-        tl.steps(),
-        [
-            (secs(3), Step::Call(1)),
-            (secs(3), Step::Reply(Bytes::new())),
-            (secs(3), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), delivered(secs(3), 1));
     let wakes = autoscaler.wakes();
     assert_eq!(
         wakes.first(),
@@ -823,14 +818,7 @@ async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second(
     assert_eq!(at, [ms(0), ms(500), ms(2075)]);
     assert_eq!(
         tl.steps(),
-        [
-            (ms(500), Step::Call(1)),
-            (ms(500), Step::Reply(Bytes::new())),
-            (ms(500), Step::Ack),
-            (secs(3), Step::Call(1)),
-            (secs(3), Step::Reply(Bytes::new())),
-            (secs(3), Step::Ack),
-        ]
+        [delivered(ms(500), 1), delivered(secs(3), 1)].concat()
     );
 }
 
@@ -893,16 +881,12 @@ async fn the_workers_own_refusals_are_holds_not_attempts() {
 
     // Same attempt each time, on the hold's 25 ms then 50 ms pauses; never
     // given back to the broker.
+    let steps = tl.steps();
     assert_eq!(
-        tl.steps(),
-        [
-            (ms(0), Step::Call(1)),
-            (ms(25), Step::Call(1)),
-            (ms(75), Step::Call(1)),
-            (ms(75), Step::Reply(Bytes::new())),
-            (ms(75), Step::Ack),
-        ]
+        steps[..2],
+        [(ms(0), Step::Call(1)), (ms(25), Step::Call(1))]
     );
+    assert_eq!(steps[2..], delivered(ms(75), 1));
     assert_eq!(s.holds("busy"), 1);
     assert_eq!(s.holds("draining"), 1);
     assert_eq!(s.calls("failed"), 0);
@@ -963,14 +947,7 @@ async fn after_a_hold_timeout_the_next_call_is_the_next_attempt() {
         replicas.set(&url);
     });
 
-    assert_eq!(
-        tl.steps(),
-        [
-            (secs(15), Step::Call(2)),
-            (secs(15), Step::Reply(Bytes::new())),
-            (secs(15), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), delivered(secs(15), 2));
     assert_eq!(s.retries(), 1);
 }
 
@@ -1020,8 +997,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
     for (value, want) in [("7", secs(7)), ("999999999999", DAY)] {
         // A redelivering source: the broker waits exactly that long.
         let tl = Timeline::new();
-        let url = function(&tl, vec![answer(503).header("retry-after", value)]).await;
-        let s = setup(spec(&url), config(), None);
+        let s = calling(&tl, vec![answer(503).header("retry-after", value)]).await;
         s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
             .await;
         assert_eq!(
@@ -1032,23 +1008,15 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
 
         // A source that does not redeliver: the engine waits exactly that long.
         let tl = Timeline::new();
-        let url = function(
+        let s = calling(
             &tl,
             vec![answer(429).header("retry-after", value), answer(200)],
         )
         .await;
-        let s = setup(spec(&url), config(), None);
         s.deliver(Fake::new(&tl), &Sink::new(&tl)).await;
-        assert_eq!(
-            tl.steps(),
-            [
-                (ms(0), Step::Call(1)),
-                (want, Step::Call(2)),
-                (want, Step::Reply(Bytes::new())),
-                (want, Step::Ack),
-            ],
-            "{value}"
-        );
+        let steps = tl.steps();
+        assert_eq!(steps[0], (ms(0), Step::Call(1)), "{value}");
+        assert_eq!(steps[1..], delivered(want, 2), "{value}");
     }
 }
 
@@ -1058,8 +1026,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(422).body("bad\u{1}input")]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(422).body("bad\u{1}input")]).await;
     let sink = Sink::new(&tl);
 
     s.deliver(Fake::new(&tl).redelivering(), &sink).await;
@@ -1203,8 +1170,7 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
 #[tokio::test(start_paused = true)]
 async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_terminated() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(400)]).await;
     let sink = Sink::new(&tl).failing_first(1);
 
     s.deliver(Fake::new(&tl).redelivering(), &sink).await;
@@ -1225,8 +1191,7 @@ async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_term
 #[tokio::test(start_paused = true)]
 async fn a_dead_letter_that_can_never_be_stored_releases_the_event() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(400)]).await;
     let sink = Sink::new(&tl).broken();
 
     s.deliver(Fake::new(&tl), &sink).await;
@@ -1268,12 +1233,11 @@ async fn stopping_during_a_hold_releases_the_event_without_counting_an_attempt()
 #[tokio::test(start_paused = true)]
 async fn stopping_during_a_backoff_pause_releases_the_event() {
     let tl = Timeline::new();
-    let url = function(
+    let s = calling(
         &tl,
         vec![answer(503).header("retry-after", "30"), answer(200)],
     )
     .await;
-    let s = setup(spec(&url), config(), None);
 
     let sink = Sink::new(&tl);
     tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
@@ -1290,8 +1254,7 @@ async fn stopping_during_a_backoff_pause_releases_the_event() {
 #[tokio::test(start_paused = true)]
 async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(400)]).await;
     let sink = Sink::new(&tl).failing_first(usize::MAX);
 
     tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
@@ -1316,8 +1279,7 @@ async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
 #[tokio::test(start_paused = true)]
 async fn a_long_call_extends_the_deadline_every_progress_interval() {
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).after(secs(17))]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(200).after(secs(17))]).await;
 
     s.deliver(
         Fake::new(&tl).redelivering().progress(secs(5)),
@@ -1358,40 +1320,31 @@ async fn a_long_hold_extends_the_deadline_across_its_short_pauses() {
     // every 5 s.
     let extended = tl.when(|s| *s == Step::InProgress);
     assert_eq!(extended, (1..=12).map(|n| secs(5 * n)).collect::<Vec<_>>());
-    assert_eq!(
-        tl.steps()[12..],
-        [
-            (secs(62), Step::Call(1)),
-            (secs(62), Step::Reply(Bytes::new())),
-            (secs(62), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps()[12..], delivered(secs(62), 1));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_backoff_pause_extends_the_deadline() {
     let tl = Timeline::new();
-    let url = function(
+    let s = calling(
         &tl,
         vec![answer(503).header("retry-after", "12"), answer(200)],
     )
     .await;
-    let s = setup(spec(&url), config(), None);
 
     s.deliver(Fake::new(&tl).progress(secs(5)), &Sink::new(&tl))
         .await;
 
+    let steps = tl.steps();
     assert_eq!(
-        tl.steps(),
+        steps[..3],
         [
             (secs(0), Step::Call(1)),
             (secs(5), Step::InProgress),
             (secs(10), Step::InProgress),
-            (secs(12), Step::Call(2)),
-            (secs(12), Step::Reply(Bytes::new())),
-            (secs(12), Step::Ack),
         ]
     );
+    assert_eq!(steps[3..], delivered(secs(12), 2));
 }
 
 // ---------------------------------------------------------------------------
@@ -1401,8 +1354,7 @@ async fn a_backoff_pause_extends_the_deadline() {
 async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Ack refused: still delivered (the broker redelivers; at-least-once).
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(200)]).await;
     s.deliver(
         Fake::new(&tl).redelivering().failing(Settle::Ack),
         &Sink::new(&tl),
@@ -1417,8 +1369,7 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
 
     // Retry-later refused: nothing else (the broker redelivers after its ack wait).
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(500)]).await;
     s.deliver(
         Fake::new(&tl).redelivering().failing(Settle::RetryLater),
         &Sink::new(&tl),
@@ -1432,8 +1383,7 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
 
     // Terminate refused after the dead letter was stored: it stays dead-lettered.
     let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
+    let s = calling(&tl, vec![answer(400)]).await;
     let sink = Sink::new(&tl);
     s.deliver(
         Fake::new(&tl).redelivering().failing(Settle::Terminate),
