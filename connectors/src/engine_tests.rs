@@ -461,12 +461,20 @@ fn config() -> EngineConfig {
     }
 }
 
+/// The engine and its function, and the dead-letter sink the engine is
+/// given, on the test's timeline.
 struct Setup {
     engine: Engine,
     target: Arc<Target>,
+    sink: Sink,
 }
 
-fn setup(spec: FunctionSpec, config: EngineConfig, autoscaler: Option<String>) -> Setup {
+fn setup(
+    tl: &Timeline,
+    spec: FunctionSpec,
+    config: EngineConfig,
+    autoscaler: Option<String>,
+) -> Setup {
     let engine = Engine::new(
         config,
         autoscaler,
@@ -475,18 +483,23 @@ fn setup(spec: FunctionSpec, config: EngineConfig, autoscaler: Option<String>) -
     )
     .unwrap();
     let target = engine.target(Arc::new(spec)).unwrap();
-    Setup { engine, target }
+    Setup {
+        engine,
+        target,
+        sink: Sink::new(tl),
+    }
 }
 
 /// A function answering `script` at its own URL, and an engine calling it
 /// with [`config`]: where most tests start.
 async fn calling(tl: &Timeline, script: Vec<Answer>) -> Setup {
     let url = function(tl, script).await;
-    setup(spec(&url), config(), None)
+    setup(tl, spec(&url), config(), None)
 }
 
 /// An engine that picks among `replicas` instead of calling a URL.
 fn setup_replicas(
+    tl: &Timeline,
     mut config: EngineConfig,
     replicas: &Arc<Replicas>,
     autoscaler: Option<String>,
@@ -494,23 +507,30 @@ fn setup_replicas(
     config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
     let mut f = spec("http://127.0.0.1:9/");
     f.url = None;
-    setup(f, config, autoscaler)
+    setup(tl, f, config, autoscaler)
 }
 
 /// A function that answers 200 but has no ready replica yet, behind an
-/// autoscaler: where the held tests start. Answers the engine, the sink,
-/// the replicas, the function's URL and the autoscaler.
-async fn held(tl: &Timeline) -> (Setup, Sink, Arc<Replicas>, String, Autoscaler) {
+/// autoscaler: where the held tests start. Answers the engine, the
+/// replicas, the function's URL and the autoscaler.
+async fn held(tl: &Timeline) -> (Setup, Arc<Replicas>, String, Autoscaler) {
     let (autoscaler, autoscaler_url) = Autoscaler::start(tl).await;
     let url = function(tl, vec![answer(200)]).await;
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, Some(autoscaler_url));
-    (s, Sink::new(tl), replicas, url, autoscaler)
+    let s = setup_replicas(tl, config(), &replicas, Some(autoscaler_url));
+    (s, replicas, url, autoscaler)
 }
 
 impl Setup {
-    async fn deliver(&self, d: Fake, sink: &Sink) {
-        self.engine.deliver(&self.target, &event(), d, sink).await;
+    /// The same, with `sink` for dead letters.
+    fn with_sink(self, sink: Sink) -> Self {
+        Self { sink, ..self }
+    }
+
+    async fn deliver(&self, d: Fake) {
+        self.engine
+            .deliver(&self.target, &event(), d, &self.sink)
+            .await;
     }
 
     fn outcome(&self, outcome: &'static str) -> u64 {
@@ -624,9 +644,8 @@ fn retry_delay(steps: &[Step]) -> Duration {
 async fn a_2xx_is_acked_once_and_counted_delivered() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(200).body("done")]).await;
-    let sink = Sink::new(&tl);
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     assert_eq!(
         tl.steps(),
@@ -641,7 +660,7 @@ async fn a_2xx_is_acked_once_and_counted_delivered() {
     assert_eq!(s.calls("failed"), 0);
     assert_eq!(s.retries(), 0);
     assert_eq!(s.inflight(), 0);
-    assert!(sink.stored().is_empty());
+    assert!(s.sink.stored().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -651,12 +670,10 @@ async fn a_2xx_is_acked_once_and_counted_delivered() {
 async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_delay() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(500)]).await;
-    let sink = Sink::new(&tl);
 
     // The broker's third delivery: the engine numbers the call 3 and backs
     // off as after a third failure (1 s × 2², full jitter).
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
 
     let kinds = tl.kinds();
     assert_eq!(kinds[..kinds.len() - 1], [Step::Call(3)]);
@@ -667,16 +684,15 @@ async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_del
     assert_eq!(s.calls("failed"), 1);
     assert_eq!(s.retries(), 1);
     assert_eq!(s.outcome("delivered"), 0);
-    assert!(sink.stored().is_empty());
+    assert!(s.sink.stored().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_calls_again() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(503), answer(500), answer(200)]).await;
-    let sink = Sink::new(&tl);
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     let kinds = tl.kinds();
     assert_eq!(
@@ -707,10 +723,9 @@ async fn a_call_past_the_function_timeout_is_a_failed_attempt() {
     let url = function(&tl, vec![answer(200).after(secs(60))]).await;
     let mut f = spec(&url);
     f.timeout = secs(10);
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, f, config(), None);
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     let steps = tl.steps();
     assert_eq!(steps[0], (ms(0), Step::Call(1)));
@@ -742,9 +757,8 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
     let tl = Timeline::new();
     let hung_up = raw(b"").await;
-    let s = setup(spec(&hung_up), config(), None);
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    let s = setup(&tl, spec(&hung_up), config(), None);
+    s.deliver(Fake::new(&tl).redelivering()).await;
     let kinds = tl.kinds();
     assert!(matches!(kinds[..], [Step::RetryLater(_)]), "{kinds:?}");
     assert_eq!(s.calls("failed"), 1);
@@ -752,9 +766,8 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
     let tl = Timeline::new();
     let cut = raw(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial").await;
-    let s = setup(spec(&cut), config(), None);
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    let s = setup(&tl, spec(&cut), config(), None);
+    s.deliver(Fake::new(&tl).redelivering()).await;
     assert_eq!(tl.kinds(), [Step::Reply(Bytes::new()), Step::Ack]);
     assert_eq!(s.outcome("delivered"), 1);
 }
@@ -765,9 +778,9 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 #[tokio::test(start_paused = true)]
 async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_is_ready() {
     let tl = Timeline::new();
-    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
+    let (s, replicas, url, autoscaler) = held(&tl).await;
 
-    tokio::join!(s.deliver(Fake::new(&tl).redelivering(), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl).redelivering()), async {
         tokio::time::sleep(secs(3)).await;
         replicas.set(&url);
     });
@@ -796,17 +809,17 @@ async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_
 #[tokio::test(start_paused = true)]
 async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second() {
     let tl = Timeline::new();
-    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
+    let (s, replicas, url, autoscaler) = held(&tl).await;
 
     // At zero: woken; a replica comes up at 0.5 s and takes the event.
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(ms(500)).await;
         replicas.set(&url);
     });
     // Back at zero within the second: a new cold start, woken at once; then
     // held until 3 s, woken again once a second has passed.
     replicas.unset();
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(ms(2500)).await;
         replicas.set(&url);
     });
@@ -834,10 +847,9 @@ async fn a_refused_connection_is_a_hold_until_the_function_listens() {
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let path = unique_path("f");
     let url = format!("http://{}{path}", socket.local_addr().unwrap());
-    let s = setup(spec(&url), config(), Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, spec(&url), config(), Some(autoscaler_url));
 
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(3)).await;
         let l = socket.listen(16).unwrap();
         serve_on(l, function_router(&tl, vec![answer(200)], &path)).await;
@@ -874,10 +886,9 @@ async fn the_workers_own_refusals_are_holds_not_attempts() {
         ],
     )
     .await;
-    let s = setup(spec(&url), config(), Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, spec(&url), config(), Some(autoscaler_url));
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     // Same attempt each time, on the hold's 25 ms then 50 ms pauses; never
     // given back to the broker.
@@ -916,10 +927,9 @@ async fn a_hold_past_the_hold_timeout_is_one_failed_attempt() {
     let replicas = Arc::new(Replicas::default());
     let mut config = hold_config();
     config.backoff.base = secs(2);
-    let s = setup_replicas(config, &replicas, None);
+    let s = setup_replicas(&tl, config, &replicas, None);
 
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     let steps = tl.steps();
     let [(at, Step::RetryLater(delay))] = steps[..] else {
@@ -939,10 +949,8 @@ async fn after_a_hold_timeout_the_next_call_is_the_next_attempt() {
     f.max_attempts = 2;
     let mut config = hold_config();
     config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
-    let s = setup(f, config, None);
-
-    let sink = Sink::new(&tl);
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    let s = setup(&tl, f, config, None);
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(15)).await;
         replicas.set(&url);
     });
@@ -960,11 +968,10 @@ async fn holds_past_the_hold_timeout_exhaust_the_attempts() {
         config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
         let mut f = spec("http://127.0.0.1:9/");
         f.max_attempts = 2;
-        setup(f, config, None)
+        setup(&tl, f, config, None)
     };
-    let sink = Sink::new(&tl);
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     let steps = tl.steps();
     assert_eq!(
@@ -977,7 +984,7 @@ async fn holds_past_the_hold_timeout_exhaust_the_attempts() {
         at >= HOLD_TIMED_OUT * 2 && at <= HOLD_TIMED_OUT * 2 + secs(1),
         "{at:?}"
     );
-    let stored = sink.stored();
+    let stored = s.sink.stored();
     let h = &stored[0].headers;
     assert_eq!(
         header(h, "ebb-dead-letter-reason"),
@@ -998,8 +1005,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
         // A redelivering source: the broker waits exactly that long.
         let tl = Timeline::new();
         let s = calling(&tl, vec![answer(503).header("retry-after", value)]).await;
-        s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-            .await;
+        s.deliver(Fake::new(&tl).redelivering()).await;
         assert_eq!(
             tl.kinds(),
             [Step::Call(1), Step::RetryLater(want)],
@@ -1013,7 +1019,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
             vec![answer(429).header("retry-after", value), answer(200)],
         )
         .await;
-        s.deliver(Fake::new(&tl), &Sink::new(&tl)).await;
+        s.deliver(Fake::new(&tl)).await;
         let steps = tl.steps();
         assert_eq!(steps[0], (ms(0), Step::Call(1)), "{value}");
         assert_eq!(steps[1..], delivered(want, 2), "{value}");
@@ -1027,15 +1033,14 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
 async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(422).body("bad\u{1}input")]).await;
-    let sink = Sink::new(&tl);
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     assert_eq!(
         tl.kinds(),
         [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
     );
-    let stored = sink.stored();
+    let stored = s.sink.stored();
     let [dl] = &stored[..] else {
         panic!("one dead letter")
     };
@@ -1062,9 +1067,8 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     let url = function(&tl, vec![answer(500).body("oops")]).await;
     let mut f = spec(&url);
     f.max_attempts = 3;
-    let s = setup(f.clone(), config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl), &sink).await;
+    let s = setup(&tl, f.clone(), config(), None);
+    s.deliver(Fake::new(&tl)).await;
     assert_eq!(
         tl.kinds(),
         [
@@ -1075,7 +1079,7 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
             Step::Terminate
         ]
     );
-    let h = sink.stored()[0].headers.clone();
+    let h = s.sink.stored()[0].headers.clone();
     assert_eq!(
         header(&h, "ebb-dead-letter-reason"),
         "attempts exhausted (3 of 3, last: status 500)"
@@ -1088,10 +1092,8 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     // The broker's last delivery: one call, then the dead letter.
     let tl = Timeline::new();
     f.url = Some(function(&tl, vec![answer(500)]).await);
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
+    let s = setup(&tl, f, config(), None);
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
     assert_eq!(
         tl.kinds(),
         [Step::Call(3), Step::Publish { ok: true }, Step::Terminate]
@@ -1105,12 +1107,10 @@ async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
     let url = function(&tl, vec![answer(200)]).await;
     let mut f = spec(&url);
     f.max_attempts = 2;
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
+    let s = setup(&tl, f, config(), None);
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
     assert_eq!(tl.kinds(), [Step::Publish { ok: true }, Step::Terminate]);
-    let h = sink.stored()[0].headers.clone();
+    let h = s.sink.stored()[0].headers.clone();
     assert_eq!(
         header(&h, "ebb-dead-letter-reason"),
         "attempts exhausted (2 of 2)"
@@ -1125,10 +1125,9 @@ async fn without_a_dead_letter_destination_a_given_up_event_is_dropped() {
     let url = function(&tl, vec![answer(400)]).await;
     let mut f = spec(&url);
     f.dead_letter = None;
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, f, config(), None);
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     assert_eq!(tl.kinds(), [Step::Call(1), Step::Terminate]);
     assert_eq!(s.outcome("dropped"), 1);
@@ -1144,10 +1143,10 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
     let url = function(&tl, vec![answer(400)]).await;
     let mut config = config();
     config.backoff.cap = secs(4);
-    let s = setup(spec(&url), config, None);
-    let sink = Sink::new(&tl).failing_first(4);
+    let s = setup(&tl, spec(&url), config, None);
+    let s = s.with_sink(Sink::new(&tl).failing_first(4));
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     // Pauses from the backoff base, doubling up to its cap: 1, 2, 4, 4 s.
     assert_eq!(
@@ -1162,7 +1161,7 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
             (secs(11), Step::Terminate),
         ]
     );
-    assert_eq!(sink.stored().len(), 1);
+    assert_eq!(s.sink.stored().len(), 1);
     assert_eq!(s.errors("dead_letter"), 4);
     assert_eq!(s.outcome("dead_lettered"), 1);
 }
@@ -1171,9 +1170,9 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
 async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_terminated() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(400)]).await;
-    let sink = Sink::new(&tl).failing_first(1);
+    let s = s.with_sink(Sink::new(&tl).failing_first(1));
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     // Given back after the backoff cap, for the broker to try again.
     assert_eq!(
@@ -1192,9 +1191,9 @@ async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_term
 async fn a_dead_letter_that_can_never_be_stored_releases_the_event() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(400)]).await;
-    let sink = Sink::new(&tl).broken();
+    let s = s.with_sink(Sink::new(&tl).broken());
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     assert_eq!(
         tl.kinds(),
@@ -1211,13 +1210,11 @@ async fn stopping_during_a_hold_releases_the_event_without_counting_an_attempt()
     for redelivering in [false, true] {
         let tl = Timeline::new();
         let replicas = Arc::new(Replicas::default());
-        let s = setup_replicas(config(), &replicas, None);
+        let s = setup_replicas(&tl, config(), &replicas, None);
         let mut d = Fake::new(&tl);
         d.redelivers = redelivering;
         let mut picks_at_stop = 0;
-
-        let sink = Sink::new(&tl);
-        tokio::join!(s.deliver(d, &sink), async {
+        tokio::join!(s.deliver(d), async {
             tokio::time::sleep(secs(5)).await;
             picks_at_stop = replicas.picks();
             s.engine.stopping().cancel();
@@ -1238,9 +1235,7 @@ async fn stopping_during_a_backoff_pause_releases_the_event() {
         vec![answer(503).header("retry-after", "30"), answer(200)],
     )
     .await;
-
-    let sink = Sink::new(&tl);
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(10)).await;
         s.engine.stopping().cancel();
     });
@@ -1255,9 +1250,9 @@ async fn stopping_during_a_backoff_pause_releases_the_event() {
 async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(400)]).await;
-    let sink = Sink::new(&tl).failing_first(usize::MAX);
+    let s = s.with_sink(Sink::new(&tl).failing_first(usize::MAX));
 
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(2)).await;
         s.engine.stopping().cancel();
     });
@@ -1281,11 +1276,8 @@ async fn a_long_call_extends_the_deadline_every_progress_interval() {
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(200).after(secs(17))]).await;
 
-    s.deliver(
-        Fake::new(&tl).redelivering().progress(secs(5)),
-        &Sink::new(&tl),
-    )
-    .await;
+    s.deliver(Fake::new(&tl).redelivering().progress(secs(5)))
+        .await;
 
     assert_eq!(
         tl.steps(),
@@ -1305,11 +1297,9 @@ async fn a_long_hold_extends_the_deadline_across_its_short_pauses() {
     let tl = Timeline::new();
     let url = function(&tl, vec![answer(200)]).await;
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, None);
-
-    let sink = Sink::new(&tl);
+    let s = setup_replicas(&tl, config(), &replicas, None);
     tokio::join!(
-        s.deliver(Fake::new(&tl).redelivering().progress(secs(5)), &sink),
+        s.deliver(Fake::new(&tl).redelivering().progress(secs(5))),
         async {
             tokio::time::sleep(secs(62)).await;
             replicas.set(&url);
@@ -1332,8 +1322,7 @@ async fn a_backoff_pause_extends_the_deadline() {
     )
     .await;
 
-    s.deliver(Fake::new(&tl).progress(secs(5)), &Sink::new(&tl))
-        .await;
+    s.deliver(Fake::new(&tl).progress(secs(5))).await;
 
     let steps = tl.steps();
     assert_eq!(
@@ -1355,11 +1344,8 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Ack refused: still delivered (the broker redelivers; at-least-once).
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(200)]).await;
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::Ack),
-        &Sink::new(&tl),
-    )
-    .await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::Ack))
+        .await;
     assert_eq!(
         tl.kinds(),
         [Step::Call(1), Step::Reply(Bytes::new()), Step::Ack]
@@ -1370,11 +1356,8 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Retry-later refused: nothing else (the broker redelivers after its ack wait).
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(500)]).await;
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::RetryLater),
-        &Sink::new(&tl),
-    )
-    .await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::RetryLater))
+        .await;
     assert!(matches!(
         tl.kinds()[..],
         [Step::Call(1), Step::RetryLater(_)]
@@ -1384,12 +1367,8 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Terminate refused after the dead letter was stored: it stays dead-lettered.
     let tl = Timeline::new();
     let s = calling(&tl, vec![answer(400)]).await;
-    let sink = Sink::new(&tl);
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::Terminate),
-        &sink,
-    )
-    .await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::Terminate))
+        .await;
     assert_eq!(
         tl.kinds(),
         [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
@@ -1399,14 +1378,10 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Release refused on stop: nothing else.
     let tl = Timeline::new();
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, None);
-    let sink = Sink::new(&tl);
-    tokio::join!(
-        s.deliver(Fake::new(&tl).failing(Settle::Release), &sink),
-        async {
-            tokio::time::sleep(secs(1)).await;
-            s.engine.stopping().cancel();
-        }
-    );
+    let s = setup_replicas(&tl, config(), &replicas, None);
+    tokio::join!(s.deliver(Fake::new(&tl).failing(Settle::Release)), async {
+        tokio::time::sleep(secs(1)).await;
+        s.engine.stopping().cancel();
+    });
     assert_eq!(tl.steps(), [(secs(1), Step::Release)]);
 }
