@@ -43,10 +43,17 @@ pub struct Auth {
     pub token: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_required: bool,
+    pub tls: Tls,
+}
+
+/// TLS to NATS: the CA that verifies the server, a client certificate for
+/// mutual TLS, and whether a connection without TLS is refused.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub required: bool,
 }
 
 /// Settings of the NATS connector.
@@ -140,17 +147,17 @@ async fn connect_once(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client
     if let Some((u, p)) = together(&a.user, &a.password, "--nats-user and --nats-password")? {
         opts = opts.user_and_password(u.clone(), p.clone());
     }
-    if let Some(ca) = &a.tls_ca {
+    if let Some(ca) = &a.tls.ca {
         opts = opts.add_root_certificates(ca.clone());
     }
     if let Some((c, k)) = together(
-        &a.tls_cert,
-        &a.tls_key,
+        &a.tls.cert,
+        &a.tls.key,
         "--nats-tls-cert and --nats-tls-key",
     )? {
         opts = opts.add_client_certificate(c.clone(), k.clone());
     }
-    if a.tls_required {
+    if a.tls.required {
         opts = opts.require_tls(true);
     }
     opts.connect(cfg.url.as_str())
