@@ -215,18 +215,21 @@ struct FunctionLabel {
     function: String,
 }
 
+/// Ticks per function.
+type Ticks = Family<FunctionLabel, Counter>;
+
 ebb_runtime::metrics! {
     /// The cron connector's own metrics.
     #[derive(Clone)]
     pub struct CronMetrics {
         /// Ticks fired.
-        fires: Family<FunctionLabel, Counter> as "ebb_cron_fires",
+        fires: Ticks as "ebb_cron_fires",
         /// Ticks that could not fire in time (downtime, failover) and were not fired late.
-        missed: Family<FunctionLabel, Counter> as "ebb_cron_missed",
+        missed: Ticks as "ebb_cron_missed",
         /// Ticks skipped because the previous fire still ran (concurrency: forbid).
-        skipped: Family<FunctionLabel, Counter> as "ebb_cron_skipped",
+        skipped: Ticks as "ebb_cron_skipped",
         /// Running fires cancelled by the next tick (concurrency: replace).
-        replaced: Family<FunctionLabel, Counter> as "ebb_cron_replaced",
+        replaced: Ticks as "ebb_cron_replaced",
         /// How late a fire started after its scheduled instant.
         ///
         /// Fire start − scheduled instant.
