@@ -458,6 +458,33 @@ mod tests {
         Ok(Reading::value(value))
     }
 
+    /// Nothing waiting, `n` finished so far.
+    fn finished(n: u64) -> Result<Reading, &'static str> {
+        Ok(Reading {
+            finished: Some(n),
+            ..Reading::default()
+        })
+    }
+
+    /// Polls, then lets a second pass.
+    async fn poll_a_second(poller: &Poller<()>, target: &Target, functions: &[Arc<FunctionSpec>]) {
+        poller.poll(target, functions).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+
+    /// A poll of one queue input, `input`, for `functions` (each a name
+    /// with a topic, and its replicas); with the handle that sets the
+    /// input's readings.
+    fn one_queue(
+        input: &'static str,
+        functions: &[(&str, u32)],
+    ) -> (Poller<()>, Next, Target, Vec<Arc<FunctionSpec>>) {
+        let (queue, q) = fixed(input, Role::Queue);
+        let target = Target::with(functions);
+        let functions = functions.iter().map(|(name, _)| function(name, &["t"]));
+        (poller(vec![queue]), q, target, functions.collect())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn inputs_are_read_in_order_and_in_flight_never_scales_alone() {
         let (queue, q) = fixed("queue", Role::Queue);
@@ -490,10 +517,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unknown_input_holds_and_the_partition_cap_applies() {
-        let (queue, q) = fixed("kafka", Role::Queue);
-        let poller = poller(vec![queue]);
-        let target = Target::with(&[("log", 0)]);
-        let functions = [function("log", &["l"])];
+        let (poller, q, target, functions) = one_queue("kafka", &[("log", 0)]);
         *q.lock().unwrap() = Err("broker down");
         let steps = poller.poll(&target, &functions).await;
         assert_eq!(steps[0].inputs[0].value, None);
@@ -511,24 +535,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_finished_count_that_moves_is_activity_and_keeps_replicas() {
-        let (queue, q) = fixed("queue", Role::Queue);
-        let poller = poller(vec![queue]);
-        let target = Target::with(&[("jobs", 1)]);
-        let functions = [function("jobs", &["j"])];
+        let (poller, q, target, functions) = one_queue("queue", &[("jobs", 1)]);
         // Nothing waits at any poll, but work is finished between polls.
-        for finished in 0..30 {
-            *q.lock().unwrap() = Ok(Reading {
-                finished: Some(finished),
-                ..Reading::default()
-            });
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+        for n in 0..30 {
+            *q.lock().unwrap() = finished(n);
+            poll_a_second(&poller, &target, &functions).await;
         }
         assert!(target.applied().is_empty(), "a trickle is not idle");
         // The count stops moving: idle for scale-to-zero-after (10 s), then 0.
         for _ in 0..12 {
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+            poll_a_second(&poller, &target, &functions).await;
         }
         assert_eq!(target.applied(), [("jobs".to_owned(), 1, 0)]);
     }
@@ -546,18 +562,9 @@ mod tests {
         for n in 0..30 {
             // Only the smaller queue's count moves: no evidence of work on
             // the queue the policy sizes by.
-            *s.lock().unwrap() = Ok(Reading {
-                value: 0.0,
-                finished: Some(n),
-                ..Reading::default()
-            });
-            *l.lock().unwrap() = Ok(Reading {
-                value: 0.0,
-                finished: Some(7),
-                ..Reading::default()
-            });
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+            *s.lock().unwrap() = finished(n);
+            *l.lock().unwrap() = finished(7);
+            poll_a_second(&poller, &target, &functions).await;
         }
         // On a tie the later queue counts: `large` never moved, so idle.
         assert_eq!(target.applied(), [("f".to_owned(), 1, 0)]);
@@ -565,15 +572,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn removed_functions_are_forgotten() {
-        let (queue, q) = fixed("queue", Role::Queue);
-        let poller = poller(vec![queue]);
+        let (poller, q, target, functions) = one_queue("queue", &[("a", 0), ("b", 0)]);
         *q.lock().unwrap() = value(0.0);
-        let target = Target::with(&[("a", 0), ("b", 0)]);
-        poller
-            .poll(&target, &[function("a", &["t"]), function("b", &["t"])])
-            .await;
+        poller.poll(&target, &functions).await;
         assert_eq!(poller.lock().len(), 2);
-        poller.poll(&target, &[function("a", &["t"])]).await;
+        poller.poll(&target, &functions[..1]).await;
         assert_eq!(
             poller.lock().keys().cloned().collect::<Vec<_>>(),
             ["default/a"]
