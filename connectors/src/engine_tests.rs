@@ -490,11 +490,23 @@ fn setup(
     }
 }
 
-/// A function answering `script` at its own URL, and an engine calling it
-/// with [`config`]: where most tests start.
-async fn calling(tl: &Timeline, script: Vec<Answer>) -> Setup {
-    let url = function(tl, script).await;
-    setup(tl, spec(&url), config(), None)
+/// A new timeline, a function answering `script` at its own URL, and an
+/// engine calling it with [`config`]: where most tests start.
+async fn calling(script: Vec<Answer>) -> (Timeline, Setup) {
+    calling_with(script, |_| {}).await
+}
+
+/// [`calling`], with the function's settings changed by `edit` first.
+async fn calling_with(
+    script: Vec<Answer>,
+    edit: impl FnOnce(&mut FunctionSpec),
+) -> (Timeline, Setup) {
+    let tl = Timeline::new();
+    let url = function(&tl, script).await;
+    let mut f = spec(&url);
+    edit(&mut f);
+    let s = setup(&tl, f, config(), None);
+    (tl, s)
 }
 
 /// An engine that picks among `replicas` instead of calling a URL.
@@ -511,14 +523,15 @@ fn setup_replicas(
 }
 
 /// A function that answers 200 but has no ready replica yet, behind an
-/// autoscaler: where the held tests start. Answers the engine, the
-/// replicas, the function's URL and the autoscaler.
-async fn held(tl: &Timeline) -> (Setup, Arc<Replicas>, String, Autoscaler) {
-    let (autoscaler, autoscaler_url) = Autoscaler::start(tl).await;
-    let url = function(tl, vec![answer(200)]).await;
+/// autoscaler: where the held tests start. Answers a new timeline, the
+/// engine, the replicas, the function's URL and the autoscaler.
+async fn held() -> (Timeline, Setup, Arc<Replicas>, String, Autoscaler) {
+    let tl = Timeline::new();
+    let (autoscaler, autoscaler_url) = Autoscaler::start(&tl).await;
+    let url = function(&tl, vec![answer(200)]).await;
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(tl, config(), &replicas, Some(autoscaler_url));
-    (s, replicas, url, autoscaler)
+    let s = setup_replicas(&tl, config(), &replicas, Some(autoscaler_url));
+    (tl, s, replicas, url, autoscaler)
 }
 
 impl Setup {
@@ -619,14 +632,25 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap()
 }
 
-/// A call with this attempt number, answered 2xx with no body and acked, all
+/// A call with this attempt number, answered 2xx with `body` and acked, all
 /// at `at`.
-fn delivered(at: Duration, attempt: u32) -> [(Duration, Step); 3] {
+fn replied(at: Duration, attempt: u32, body: &'static [u8]) -> [(Duration, Step); 3] {
     [
         (at, Step::Call(attempt)),
-        (at, Step::Reply(Bytes::new())),
+        (at, Step::Reply(Bytes::from_static(body))),
         (at, Step::Ack),
     ]
+}
+
+/// [`replied`] with no body.
+fn delivered(at: Duration, attempt: u32) -> [(Duration, Step); 3] {
+    replied(at, attempt, b"")
+}
+
+/// A call with this attempt number given up: its dead letter published
+/// (`stored` or not), then the event settled by `then`.
+fn dead_letter_then(attempt: u32, stored: bool, then: Step) -> [Step; 3] {
+    [Step::Call(attempt), Step::Publish { ok: stored }, then]
 }
 
 /// The one delay of the one `RetryLater` among `steps`.
@@ -642,19 +666,11 @@ fn retry_delay(steps: &[Step]) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn a_2xx_is_acked_once_and_counted_delivered() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(200).body("done")]).await;
+    let (tl, s) = calling(vec![answer(200).body("done")]).await;
 
     s.deliver(Fake::new(&tl).redelivering()).await;
 
-    assert_eq!(
-        tl.steps(),
-        [
-            (ms(0), Step::Call(1)),
-            (ms(0), Step::Reply(Bytes::from_static(b"done"))),
-            (ms(0), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), replied(ms(0), 1, b"done"));
     assert_eq!(s.outcome("delivered"), 1);
     assert_eq!(s.calls("ok"), 1);
     assert_eq!(s.calls("failed"), 0);
@@ -668,8 +684,7 @@ async fn a_2xx_is_acked_once_and_counted_delivered() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_delay() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(500)]).await;
+    let (tl, s) = calling(vec![answer(500)]).await;
 
     // The broker's third delivery: the engine numbers the call 3 and backs
     // off as after a third failure (1 s × 2², full jitter).
@@ -689,8 +704,7 @@ async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_del
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_calls_again() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(503), answer(500), answer(200)]).await;
+    let (tl, s) = calling(vec![answer(503), answer(500), answer(200)]).await;
 
     s.deliver(Fake::new(&tl)).await;
 
@@ -719,11 +733,8 @@ async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_c
 
 #[tokio::test(start_paused = true)]
 async fn a_call_past_the_function_timeout_is_a_failed_attempt() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).after(secs(60))]).await;
-    let mut f = spec(&url);
-    f.timeout = secs(10);
-    let s = setup(&tl, f, config(), None);
+    let script = vec![answer(200).after(secs(60))];
+    let (tl, s) = calling_with(script, |f| f.timeout = secs(10)).await;
 
     s.deliver(Fake::new(&tl).redelivering()).await;
 
@@ -777,8 +788,7 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
 #[tokio::test(start_paused = true)]
 async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_is_ready() {
-    let tl = Timeline::new();
-    let (s, replicas, url, autoscaler) = held(&tl).await;
+    let (tl, s, replicas, url, autoscaler) = held().await;
 
     tokio::join!(s.deliver(Fake::new(&tl).redelivering()), async {
         tokio::time::sleep(secs(3)).await;
@@ -808,8 +818,7 @@ async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_
 
 #[tokio::test(start_paused = true)]
 async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second() {
-    let tl = Timeline::new();
-    let (s, replicas, url, autoscaler) = held(&tl).await;
+    let (tl, s, replicas, url, autoscaler) = held().await;
 
     // At zero: woken; a replica comes up at 0.5 s and takes the event.
     tokio::join!(s.deliver(Fake::new(&tl)), async {
@@ -1003,8 +1012,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     for (value, want) in [("7", secs(7)), ("999999999999", DAY)] {
         // A redelivering source: the broker waits exactly that long.
-        let tl = Timeline::new();
-        let s = calling(&tl, vec![answer(503).header("retry-after", value)]).await;
+        let (tl, s) = calling(vec![answer(503).header("retry-after", value)]).await;
         s.deliver(Fake::new(&tl).redelivering()).await;
         assert_eq!(
             tl.kinds(),
@@ -1013,12 +1021,7 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
         );
 
         // A source that does not redeliver: the engine waits exactly that long.
-        let tl = Timeline::new();
-        let s = calling(
-            &tl,
-            vec![answer(429).header("retry-after", value), answer(200)],
-        )
-        .await;
+        let (tl, s) = calling(vec![answer(429).header("retry-after", value), answer(200)]).await;
         s.deliver(Fake::new(&tl)).await;
         let steps = tl.steps();
         assert_eq!(steps[0], (ms(0), Step::Call(1)), "{value}");
@@ -1031,15 +1034,11 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
 
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(422).body("bad\u{1}input")]).await;
+    let (tl, s) = calling(vec![answer(422).body("bad\u{1}input")]).await;
 
     s.deliver(Fake::new(&tl).redelivering()).await;
 
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
-    );
+    assert_eq!(tl.kinds(), dead_letter_then(1, true, Step::Terminate));
     let stored = s.sink.stored();
     let [dl] = &stored[..] else {
         panic!("one dead letter")
@@ -1063,11 +1062,8 @@ async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated()
 #[tokio::test(start_paused = true)]
 async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     // The engine retries itself.
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500).body("oops")]).await;
-    let mut f = spec(&url);
-    f.max_attempts = 3;
-    let s = setup(&tl, f.clone(), config(), None);
+    let three = |f: &mut FunctionSpec| f.max_attempts = 3;
+    let (tl, s) = calling_with(vec![answer(500).body("oops")], three).await;
     s.deliver(Fake::new(&tl)).await;
     assert_eq!(
         tl.kinds(),
@@ -1090,24 +1086,15 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     assert_eq!(s.retries(), 2);
 
     // The broker's last delivery: one call, then the dead letter.
-    let tl = Timeline::new();
-    f.url = Some(function(&tl, vec![answer(500)]).await);
-    let s = setup(&tl, f, config(), None);
+    let (tl, s) = calling_with(vec![answer(500)], three).await;
     s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(3), Step::Publish { ok: true }, Step::Terminate]
-    );
+    assert_eq!(tl.kinds(), dead_letter_then(3, true, Step::Terminate));
     assert_eq!(s.outcome("dead_lettered"), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let mut f = spec(&url);
-    f.max_attempts = 2;
-    let s = setup(&tl, f, config(), None);
+    let (tl, s) = calling_with(vec![answer(200)], |f| f.max_attempts = 2).await;
     s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
     assert_eq!(tl.kinds(), [Step::Publish { ok: true }, Step::Terminate]);
     let h = s.sink.stored()[0].headers.clone();
@@ -1121,11 +1108,7 @@ async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
 
 #[tokio::test(start_paused = true)]
 async fn without_a_dead_letter_destination_a_given_up_event_is_dropped() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let mut f = spec(&url);
-    f.dead_letter = None;
-    let s = setup(&tl, f, config(), None);
+    let (tl, s) = calling_with(vec![answer(400)], |f| f.dead_letter = None).await;
 
     s.deliver(Fake::new(&tl).redelivering()).await;
 
@@ -1168,8 +1151,7 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_terminated() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(400)]).await;
+    let (tl, s) = calling(vec![answer(400)]).await;
     let s = s.with_sink(Sink::new(&tl).failing_first(1));
 
     s.deliver(Fake::new(&tl).redelivering()).await;
@@ -1189,16 +1171,12 @@ async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_term
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_letter_that_can_never_be_stored_releases_the_event() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(400)]).await;
+    let (tl, s) = calling(vec![answer(400)]).await;
     let s = s.with_sink(Sink::new(&tl).broken());
 
     s.deliver(Fake::new(&tl)).await;
 
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: false }, Step::Release]
-    );
+    assert_eq!(tl.kinds(), dead_letter_then(1, false, Step::Release));
     assert_eq!(s.outcome("dead_lettered"), 0);
 }
 
@@ -1229,12 +1207,7 @@ async fn stopping_during_a_hold_releases_the_event_without_counting_an_attempt()
 
 #[tokio::test(start_paused = true)]
 async fn stopping_during_a_backoff_pause_releases_the_event() {
-    let tl = Timeline::new();
-    let s = calling(
-        &tl,
-        vec![answer(503).header("retry-after", "30"), answer(200)],
-    )
-    .await;
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "30"), answer(200)]).await;
     tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(10)).await;
         s.engine.stopping().cancel();
@@ -1248,8 +1221,7 @@ async fn stopping_during_a_backoff_pause_releases_the_event() {
 
 #[tokio::test(start_paused = true)]
 async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(400)]).await;
+    let (tl, s) = calling(vec![answer(400)]).await;
     let s = s.with_sink(Sink::new(&tl).failing_first(usize::MAX));
 
     tokio::join!(s.deliver(Fake::new(&tl)), async {
@@ -1273,8 +1245,7 @@ async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
 
 #[tokio::test(start_paused = true)]
 async fn a_long_call_extends_the_deadline_every_progress_interval() {
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(200).after(secs(17))]).await;
+    let (tl, s) = calling(vec![answer(200).after(secs(17))]).await;
 
     s.deliver(Fake::new(&tl).redelivering().progress(secs(5)))
         .await;
@@ -1315,12 +1286,7 @@ async fn a_long_hold_extends_the_deadline_across_its_short_pauses() {
 
 #[tokio::test(start_paused = true)]
 async fn a_backoff_pause_extends_the_deadline() {
-    let tl = Timeline::new();
-    let s = calling(
-        &tl,
-        vec![answer(503).header("retry-after", "12"), answer(200)],
-    )
-    .await;
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "12"), answer(200)]).await;
 
     s.deliver(Fake::new(&tl).progress(secs(5))).await;
 
@@ -1342,8 +1308,7 @@ async fn a_backoff_pause_extends_the_deadline() {
 #[tokio::test(start_paused = true)]
 async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Ack refused: still delivered (the broker redelivers; at-least-once).
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(200)]).await;
+    let (tl, s) = calling(vec![answer(200)]).await;
     s.deliver(Fake::new(&tl).redelivering().failing(Settle::Ack))
         .await;
     assert_eq!(
@@ -1354,8 +1319,7 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     assert_eq!(s.outcome("delivered"), 1);
 
     // Retry-later refused: nothing else (the broker redelivers after its ack wait).
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(500)]).await;
+    let (tl, s) = calling(vec![answer(500)]).await;
     s.deliver(Fake::new(&tl).redelivering().failing(Settle::RetryLater))
         .await;
     assert!(matches!(
@@ -1365,14 +1329,10 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     assert_eq!(s.errors("nak"), 1);
 
     // Terminate refused after the dead letter was stored: it stays dead-lettered.
-    let tl = Timeline::new();
-    let s = calling(&tl, vec![answer(400)]).await;
+    let (tl, s) = calling(vec![answer(400)]).await;
     s.deliver(Fake::new(&tl).redelivering().failing(Settle::Terminate))
         .await;
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
-    );
+    assert_eq!(tl.kinds(), dead_letter_then(1, true, Step::Terminate));
     assert_eq!(s.outcome("dead_lettered"), 1);
 
     // Release refused on stop: nothing else.
