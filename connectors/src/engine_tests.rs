@@ -535,7 +535,7 @@ async fn held() -> (Timeline, Setup, Arc<Replicas>, String, Autoscaler) {
 }
 
 impl Setup {
-    /// The same, with `sink` for dead letters.
+    /// This setup with `sink` in place of its dead-letter sink.
     fn with_sink(self, sink: Sink) -> Self {
         Self { sink, ..self }
     }
