@@ -94,56 +94,23 @@ fn cold_start_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.05, 2.0, 14))
 }
 
-/// The wake-up and cold-start metrics; the poll's are [`poll::Metrics`].
-#[derive(Clone)]
-struct Metrics {
-    wakeups: Family<FnLabel, Counter>,
-    /// Wake-up received → scale patched.
-    wake_to_patch: Histogram,
-    /// Cold starts: work seen (a wake-up received, or a poll) → first
-    /// replica ready.
-    wake_to_ready: ColdStartHistograms,
-    /// Cold starts: scale patched → first replica ready.
-    patch_to_ready: ColdStartHistograms,
-    /// Cold starts with no ready replica within `--cold-start-timeout`.
-    cold_start_timeouts: Family<TriggerLabel, Counter>,
-}
-
-impl Metrics {
-    fn register(r: &mut Registry) -> Self {
-        let m = Self {
-            wakeups: Family::default(),
-            wake_to_patch: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
-            wake_to_ready: Family::new_with_constructor(cold_start_histogram),
-            patch_to_ready: Family::new_with_constructor(cold_start_histogram),
-            cold_start_timeouts: Family::default(),
-        };
-        r.register(
-            "ebb_autoscaler_wakeups",
-            "Wake-ups received",
-            m.wakeups.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_wake_to_patch_seconds",
-            "From a wake-up received to the scale patched",
-            m.wake_to_patch.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_wake_to_ready_seconds",
-            "Cold starts (0 → N): from work seen (a wake-up received, or the poll) to the first replica ready",
-            m.wake_to_ready.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_patch_to_ready_seconds",
-            "Cold starts (0 → N): from the scale patched to the first replica ready",
-            m.patch_to_ready.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_cold_start_timeouts",
-            "Cold starts with no replica ready within --cold-start-timeout",
-            m.cold_start_timeouts.clone(),
-        );
-        m
+ebb_runtime::metrics! {
+    /// The wake-up and cold-start metrics; the poll's are [`poll::Metrics`].
+    #[derive(Clone)]
+    struct Metrics {
+        /// Wake-ups received.
+        wakeups: Family<FnLabel, Counter> as "ebb_autoscaler_wakeups",
+        /// From a wake-up received to the scale patched.
+        wake_to_patch: Histogram as "ebb_autoscaler_wake_to_patch_seconds"
+            = Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+        /// Cold starts (0 → N): from work seen (a wake-up received, or the poll) to the first replica ready.
+        wake_to_ready: ColdStartHistograms as "ebb_autoscaler_wake_to_ready_seconds"
+            = Family::new_with_constructor(cold_start_histogram),
+        /// Cold starts (0 → N): from the scale patched to the first replica ready.
+        patch_to_ready: ColdStartHistograms as "ebb_autoscaler_patch_to_ready_seconds"
+            = Family::new_with_constructor(cold_start_histogram),
+        /// Cold starts with no replica ready within --cold-start-timeout.
+        cold_start_timeouts: Family<TriggerLabel, Counter> as "ebb_autoscaler_cold_start_timeouts",
     }
 }
 

@@ -536,31 +536,19 @@ impl fmt::Display for Reason {
                 value,
                 target,
                 replicas,
-                capped,
-            } => {
-                write!(f, "{input} {value}/{target} → {replicas}")?;
-                if *capped {
-                    write!(f, " (rate-capped)")?;
-                }
-                Ok(())
-            }
+                ..
+            } => write!(f, "{input} {value}/{target} → {replicas}"),
             Reason::Rate {
                 input,
                 value,
                 arrivals,
                 per_replica,
                 replicas,
-                capped,
-            } => {
-                write!(
-                    f,
-                    "{input} {value}, arriving {arrivals:.1}/s, {per_replica:.1}/s a replica → {replicas}"
-                )?;
-                if *capped {
-                    write!(f, " (rate-capped)")?;
-                }
-                Ok(())
-            }
+                ..
+            } => write!(
+                f,
+                "{input} {value}, arriving {arrivals:.1}/s, {per_replica:.1}/s a replica → {replicas}"
+            ),
             Reason::Wake {
                 input,
                 value,
@@ -587,7 +575,11 @@ impl fmt::Display for Reason {
             Reason::Fallback { input, replicas } => {
                 write!(f, "{input} unknown {FALLBACK_AFTER}× → fallback {replicas}")
             }
+        }?;
+        if let Reason::Work { capped: true, .. } | Reason::Rate { capped: true, .. } = self {
+            write!(f, " (rate-capped)")?;
         }
+        Ok(())
     }
 }
 
@@ -626,202 +618,205 @@ pub fn decide_with(
     st: &mut PolicyState,
     now: Instant,
 ) -> Decision {
-    let d = decide_inner(obs, serving, spec, st, now);
+    let d = st.choose(obs, serving, spec, now);
     st.rates
         .ordered(now, obs.current, d.replicas.unwrap_or(obs.current));
     d
 }
 
-fn decide_inner(
-    obs: &Observed,
-    serving: Serving,
-    spec: &ScaleSpec,
-    st: &mut PolicyState,
-    now: Instant,
-) -> Decision {
-    let current = obs.current;
-    let upper = obs.cap.map_or(spec.max, |c| spec.max.min(c.max(1)));
-    let clamp = |n: u32| n.max(spec.min).min(upper.max(spec.min));
-    // Woken since the last decision (a connector's wake-up scales 0 → 1
-    // knowing of one message): this decision finishes the wake, which is
-    // not rate-capped either.
-    let woken = st.last_current == Some(0) && current > 0;
-    st.last_current = Some(current);
+impl PolicyState {
+    /// The decision at `now`; [`decide_with`] records the order it makes.
+    fn choose(
+        &mut self,
+        obs: &Observed,
+        serving: Serving,
+        spec: &ScaleSpec,
+        now: Instant,
+    ) -> Decision {
+        let current = obs.current;
+        let upper = obs.cap.map_or(spec.max, |c| spec.max.min(c.max(1)));
+        let clamp = |n: u32| n.max(spec.min).min(upper.max(spec.min));
+        // Woken since the last decision (a connector's wake-up scales 0 → 1
+        // knowing of one message): this decision finishes the wake, which is
+        // not rate-capped either.
+        let woken = self.last_current == Some(0) && current > 0;
+        self.last_current = Some(current);
 
-    if spec.paused {
-        st.rates.forget();
-        return hold(Reason::Paused);
-    }
+        if spec.paused {
+            self.rates.forget();
+            return hold(Reason::Paused);
+        }
 
-    // Missing data never scales down: hold, or fall back after a while.
-    if let Some(unknown) = obs.inputs.iter().find(|i| i.value.is_none()) {
-        st.unknown_streak = st.unknown_streak.saturating_add(1);
-        st.idle_since = None;
-        st.rates.forget();
-        if let Some(fb) = spec.fallback
-            && st.unknown_streak >= FALLBACK_AFTER
+        // Missing data never scales down: hold, or fall back after a while.
+        if let Some(unknown) = obs.inputs.iter().find(|i| i.value.is_none()) {
+            self.unknown_streak = self.unknown_streak.saturating_add(1);
+            self.idle_since = None;
+            self.rates.forget();
+            if let Some(fb) = spec.fallback
+                && self.unknown_streak >= FALLBACK_AFTER
+            {
+                let replicas = clamp(fb);
+                return set(
+                    current,
+                    replicas,
+                    Reason::Fallback {
+                        input: unknown.name,
+                        replicas,
+                    },
+                );
+            }
+            return hold(Reason::Unknown {
+                input: unknown.name,
+            });
+        }
+        self.unknown_streak = 0;
+
+        // Each input asks for ceil(value / target); the largest wins.
+        let target = if spec.target > 0.0 { spec.target } else { 1.0 };
+        let mut busiest: Option<(&'static str, f64, u32)> = None;
+        for i in &obs.inputs {
+            let v = i.value.unwrap_or(0.0).max(0.0);
+            let want = (v / target).ceil().min(u32::MAX as f64) as u32;
+            if busiest.is_none_or(|(_, bv, bw)| want > bw || (want == bw && v > bv)) {
+                busiest = Some((i.name, v, want));
+            }
+        }
+        let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
+        self.rates.observe(now, value, current, serving);
+        let measured = self.rates.arrivals.is_some() && self.rates.per_replica.is_some();
+        // The usual cap on a step up from `n`.
+        let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
+        let zero = obs.inputs.iter().all(|i| i.value == Some(0.0));
+        // A zero that cannot see calls in flight is no evidence of idleness.
+        let idle = !obs.activity && zero && spec.in_flight_unseen.is_none();
+        if idle {
+            self.idle_since.get_or_insert(now);
+        } else {
+            self.idle_since = None;
+        }
+
+        // At zero: wake at the first sign of work above the activation level.
+        if current == 0 {
+            let max_value = obs
+                .inputs
+                .iter()
+                .map(|i| i.value.unwrap_or(0.0))
+                .fold(0.0, f64::max);
+            let work = max_value > spec.activation.max(0.0);
+            if work || spec.min > 0 {
+                let replicas = clamp(want.max(1));
+                self.leap = !measured && replicas > step_cap(0);
+                let blind = self.leap.then_some(value);
+                self.remember(now, replicas, blind, spec.scale_down_window);
+                let reason = if work {
+                    Reason::Wake {
+                        input,
+                        value,
+                        replicas,
+                    }
+                } else {
+                    Reason::Minimum { replicas }
+                };
+                return set(current, replicas, reason);
+            }
+            return hold(Reason::Idle);
+        }
+
+        // While replicas run, the recommendation never drops below one: only
+        // the idle timer takes a function to zero.
+        let floor = |n: u32| clamp(n).max(1.min(upper));
+        if woken {
+            self.woke(now, spec.scale_down_window);
+        }
+        self.revise(now, target, upper, floor);
+        let by_backlog = floor(want);
+        let ready = serving.ready.unwrap_or(current);
+        let by_rate = self
+            .rates
+            .recommend(now, value, target, current, ready, upper)
+            .filter(|r| floor(r.replicas) < by_backlog);
+        // Before a replica's throughput is measured (which takes deliveries),
+        // backlog that piles up while the replicas asked for still start says
+        // nothing about how many it needs: wait for them (one cold start)
+        // before asking for more. Without deliveries it would never be
+        // measured, so there every step goes by the backlog.
+        let blind_starting = !woken
+            && serving.delivered.is_some()
+            && serving.ready.is_some_and(|r| r < current)
+            && self.rates.per_replica.is_none()
+            && by_backlog > current;
+        if blind_starting {
+            let blind = self.leap.then_some(value);
+            self.remember(now, current, blind, spec.scale_down_window);
+            return hold(Reason::Starting {
+                ready: serving.ready.unwrap_or(current),
+                replicas: current,
+            });
+        }
+        let rec = by_rate.map_or(by_backlog, |r| floor(r.replicas));
+        let reason = |replicas: u32, capped: bool| match by_rate {
+            Some(r) => Reason::Rate {
+                input,
+                value,
+                arrivals: r.arrivals,
+                per_replica: r.per_replica,
+                replicas,
+                capped,
+            },
+            None => Reason::Work {
+                input,
+                value,
+                target,
+                replicas,
+                capped,
+            },
+        };
+        if woken && !measured && rec > step_cap(current) {
+            self.leap = true;
+        }
+        let blind = self.leap.then_some(value);
+        self.remember(now, rec, blind, spec.scale_down_window);
+
+        if spec.min == 0
+            && let Some(since) = self.idle_since
+            && now.duration_since(since) >= spec.scale_to_zero_after
         {
-            let replicas = clamp(fb);
+            self.history.clear();
+            self.leap = false;
             return set(
                 current,
-                replicas,
-                Reason::Fallback {
-                    input: unknown.name,
-                    replicas,
+                0,
+                Reason::IdleToZero {
+                    after: spec.scale_to_zero_after,
                 },
             );
         }
-        return hold(Reason::Unknown {
-            input: unknown.name,
-        });
-    }
-    st.unknown_streak = 0;
 
-    // Each input asks for ceil(value / target); the largest wins.
-    let target = if spec.target > 0.0 { spec.target } else { 1.0 };
-    let mut busiest: Option<(&'static str, f64, u32)> = None;
-    for i in &obs.inputs {
-        let v = i.value.unwrap_or(0.0).max(0.0);
-        let want = (v / target).ceil().min(u32::MAX as f64) as u32;
-        if busiest.is_none_or(|(_, bv, bw)| want > bw || (want == bw && v > bv)) {
-            busiest = Some((i.name, v, want));
+        if rec > current {
+            let cap = if woken { u32::MAX } else { step_cap(current) };
+            let replicas = rec.min(cap);
+            return set(current, replicas, reason(replicas, replicas < rec));
         }
-    }
-    let (input, value, want) = busiest.unwrap_or(("none", 0.0, 0));
-    st.rates.observe(now, value, current, serving);
-    let measured = st.rates.arrivals.is_some() && st.rates.per_replica.is_some();
-    // The usual cap on a step up from `n`.
-    let step_cap = |n: u32| n.saturating_mul(2).max(n.saturating_add(4));
-    let zero = obs.inputs.iter().all(|i| i.value == Some(0.0));
-    // A zero that cannot see calls in flight is no evidence of idleness.
-    let idle = !obs.activity && zero && spec.in_flight_unseen.is_none();
-    if idle {
-        st.idle_since.get_or_insert(now);
-    } else {
-        st.idle_since = None;
-    }
-
-    // At zero: wake at the first sign of work above the activation level.
-    if current == 0 {
-        let max_value = obs
-            .inputs
-            .iter()
-            .map(|i| i.value.unwrap_or(0.0))
-            .fold(0.0, f64::max);
-        let work = max_value > spec.activation.max(0.0);
-        if work || spec.min > 0 {
-            let replicas = clamp(want.max(1));
-            st.leap = !measured && replicas > step_cap(0);
-            let blind = st.leap.then_some(value);
-            st.remember(now, replicas, blind, spec.scale_down_window);
-            let reason = if work {
-                Reason::Wake {
-                    input,
-                    value,
-                    replicas,
-                }
-            } else {
-                Reason::Minimum { replicas }
-            };
-            return set(current, replicas, reason);
+        if rec < current {
+            let window_max = self.history.iter().map(|r| r.replicas).max().unwrap_or(rec);
+            let window_full = self
+                .history
+                .front()
+                .is_some_and(|r| now.duration_since(r.at) >= spec.scale_down_window);
+            if window_max < current && window_full {
+                return set(current, window_max, reason(window_max, false));
+            }
+            return hold(Reason::Stabilizing { window_max });
         }
-        return hold(Reason::Idle);
-    }
-
-    // While replicas run, the recommendation never drops below one: only
-    // the idle timer takes a function to zero.
-    let floor = |n: u32| clamp(n).max(1.min(upper));
-    if woken {
-        st.woke(now, spec.scale_down_window);
-    }
-    st.revise(now, target, upper, floor);
-    let by_backlog = floor(want);
-    let ready = serving.ready.unwrap_or(current);
-    let by_rate = st
-        .rates
-        .recommend(now, value, target, current, ready, upper)
-        .filter(|r| floor(r.replicas) < by_backlog);
-    // Before a replica's throughput is measured (which takes deliveries),
-    // backlog that piles up while the replicas asked for still start says
-    // nothing about how many it needs: wait for them (one cold start)
-    // before asking for more. Without deliveries it would never be
-    // measured, so there every step goes by the backlog.
-    let blind_starting = !woken
-        && serving.delivered.is_some()
-        && serving.ready.is_some_and(|r| r < current)
-        && st.rates.per_replica.is_none()
-        && by_backlog > current;
-    if blind_starting {
-        let blind = st.leap.then_some(value);
-        st.remember(now, current, blind, spec.scale_down_window);
-        return hold(Reason::Starting {
-            ready: serving.ready.unwrap_or(current),
-            replicas: current,
-        });
-    }
-    let rec = by_rate.map_or(by_backlog, |r| floor(r.replicas));
-    let reason = |replicas: u32, capped: bool| match by_rate {
-        Some(r) => Reason::Rate {
-            input,
-            value,
-            arrivals: r.arrivals,
-            per_replica: r.per_replica,
-            replicas,
-            capped,
-        },
-        None => Reason::Work {
-            input,
-            value,
-            target,
-            replicas,
-            capped,
-        },
-    };
-    if woken && !measured && rec > step_cap(current) {
-        st.leap = true;
-    }
-    let blind = st.leap.then_some(value);
-    st.remember(now, rec, blind, spec.scale_down_window);
-
-    if spec.min == 0
-        && let Some(since) = st.idle_since
-        && now.duration_since(since) >= spec.scale_to_zero_after
-    {
-        st.history.clear();
-        st.leap = false;
-        return set(
-            current,
-            0,
-            Reason::IdleToZero {
-                after: spec.scale_to_zero_after,
-            },
-        );
-    }
-
-    if rec > current {
-        let cap = if woken { u32::MAX } else { step_cap(current) };
-        let replicas = rec.min(cap);
-        return set(current, replicas, reason(replicas, replicas < rec));
-    }
-    if rec < current {
-        let window_max = st.history.iter().map(|r| r.replicas).max().unwrap_or(rec);
-        let window_full = st
-            .history
-            .front()
-            .is_some_and(|r| now.duration_since(r.at) >= spec.scale_down_window);
-        if window_max < current && window_full {
-            return set(current, window_max, reason(window_max, false));
+        // Out-of-bounds counts (a user edited the Deployment) come back in range.
+        let bounded = clamp(current);
+        if bounded != current {
+            return set(current, bounded, reason(bounded, false));
         }
-        return hold(Reason::Stabilizing { window_max });
-    }
-    // Out-of-bounds counts (a user edited the Deployment) come back in range.
-    let bounded = clamp(current);
-    if bounded != current {
-        return set(current, bounded, reason(bounded, false));
-    }
-    match spec.in_flight_unseen {
-        Some(input) if zero && spec.min == 0 => hold(Reason::InFlightUnseen { input }),
-        _ => hold(Reason::Steady),
+        match spec.in_flight_unseen {
+            Some(input) if zero && spec.min == 0 => hold(Reason::InFlightUnseen { input }),
+            _ => hold(Reason::Steady),
+        }
     }
 }
 
@@ -892,32 +887,60 @@ mod tests {
         }
     }
 
-    /// Walks rows `(t seconds, backlog, inflight) -> (replicas after, reason label)`,
-    /// applying each decision to the current count.
-    /// `(t seconds, backlog, inflight, replicas after, reason label)`.
-    type Row<'a> = (u64, Option<f64>, Option<f64>, u32, &'a str);
+    /// One input, "nats", with `backlog` waiting.
+    fn queue(backlog: f64, current: u32, activity: bool) -> Observed {
+        Observed {
+            inputs: vec![Input {
+                name: "nats",
+                value: Some(backlog),
+            }],
+            current,
+            cap: None,
+            activity,
+        }
+    }
 
-    fn walk(spec: &ScaleSpec, start: u32, rows: &[Row<'_>]) {
+    /// Walks `rows` from `start` replicas: `step` makes of a row and the
+    /// current count `(t seconds, observed, serving, replicas after, reason
+    /// label)`, and each decision is applied to the count. Returns the
+    /// state, for a look at the estimates.
+    fn walk_steps<R: Copy + fmt::Debug>(
+        spec: &ScaleSpec,
+        start: u32,
+        rows: &[R],
+        step: impl Fn(R, u32) -> (u64, Observed, Serving, u32, &'static str),
+    ) -> PolicyState {
         let base = Instant::now();
         let mut st = PolicyState::default();
         let mut current = start;
-        for &(t, backlog, inflight, want, label) in rows {
-            let d = decide(
-                &obs(backlog, inflight, current),
-                spec,
-                &mut st,
-                base + Duration::from_secs(t),
-            );
-            if let Some(n) = d.replicas {
-                current = n;
-            }
+        for &row in rows {
+            let (t, o, serving, want, label) = step(row, current);
+            let d = decide_with(&o, serving, spec, &mut st, base + Duration::from_secs(t));
+            current = d.replicas.unwrap_or(current);
             assert_eq!(
                 (current, d.reason.label()),
                 (want, label),
-                "t={t}s backlog {backlog:?} inflight {inflight:?}: {}",
+                "{row:?}: {}",
                 d.reason
             );
         }
+        st
+    }
+
+    /// `(t seconds, backlog, inflight, replicas after, reason label)`.
+    type Row = (u64, Option<f64>, Option<f64>, u32, &'static str);
+
+    /// Walks rows through [`decide`], which knows nothing of the serving.
+    fn walk(spec: &ScaleSpec, start: u32, rows: &[Row]) {
+        walk_steps(
+            spec,
+            start,
+            rows,
+            |(t, backlog, inflight, want, label), current| {
+                let o = obs(backlog, inflight, current);
+                (t, o, Serving::default(), want, label)
+            },
+        );
     }
 
     #[test]
@@ -1208,40 +1231,19 @@ mod tests {
     }
 
     /// `(t seconds, backlog, delivered so far, ready) -> (replicas after, reason label)`.
-    type RateRow<'a> = (u64, f64, u64, u32, u32, &'a str);
+    type RateRow = (u64, f64, u64, u32, u32, &'static str);
 
-    /// Walks rows with [`Serving`] known, applying each decision; returns
-    /// the state for a look at the estimates.
-    fn walk_rates(spec: &ScaleSpec, start: u32, rows: &[RateRow<'_>]) -> PolicyState {
-        let base = Instant::now();
-        let mut st = PolicyState::default();
-        let mut current = start;
-        for &(t, backlog, delivered, ready, want, label) in rows {
-            let o = Observed {
-                inputs: vec![Input {
-                    name: "nats",
-                    value: Some(backlog),
-                }],
-                current,
-                cap: None,
-                activity: false,
-            };
+    /// Walks rows with [`Serving`] known; returns the state for a look at
+    /// the estimates.
+    fn walk_rates(spec: &ScaleSpec, start: u32, rows: &[RateRow]) -> PolicyState {
+        walk_steps(spec, start, rows, |row, current| {
+            let (t, backlog, delivered, ready, want, label) = row;
             let serving = Serving {
                 ready: Some(ready),
                 delivered: Some(delivered),
             };
-            let d = decide_with(&o, serving, spec, &mut st, base + Duration::from_secs(t));
-            if let Some(n) = d.replicas {
-                current = n;
-            }
-            assert_eq!(
-                (current, d.reason.label()),
-                (want, label),
-                "t={t}s backlog {backlog} delivered {delivered} ready {ready}: {}",
-                d.reason
-            );
-        }
-        st
+            (t, queue(backlog, current, false), serving, want, label)
+        })
     }
 
     fn rate_spec() -> ScaleSpec {
@@ -1441,15 +1443,7 @@ mod tests {
             let backlog = next(600) as f64;
             delivered += next(200);
             let ready = next(u64::from(current) + 1) as u32;
-            let o = Observed {
-                inputs: vec![Input {
-                    name: "nats",
-                    value: Some(backlog),
-                }],
-                current,
-                cap: None,
-                activity: true,
-            };
+            let o = queue(backlog, current, true);
             let serving = Serving {
                 ready: Some(ready),
                 delivered: Some(delivered),
@@ -1505,6 +1499,18 @@ mod tests {
             capped: false,
         };
         assert_eq!(r.to_string(), "nats 340/20 → 17");
+        let capped = Reason::Rate {
+            input: "nats",
+            value: 440.0,
+            arrivals: 40.0,
+            per_replica: 10.0,
+            replicas: 8,
+            capped: true,
+        };
+        assert_eq!(
+            capped.to_string(),
+            "nats 440, arriving 40.0/s, 10.0/s a replica → 8 (rate-capped)"
+        );
         assert_eq!(
             Reason::IdleToZero {
                 after: Duration::from_secs(300)

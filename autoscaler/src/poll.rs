@@ -28,7 +28,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::policy::{self, Decision, Input, Observed, PolicyState, ScaleSpec, Serving};
@@ -60,82 +59,31 @@ struct InputLabel {
     input: &'static str,
 }
 
-/// The poll's metrics (`ebb_autoscaler_…`), labelled by function key
-/// (`namespace/name`).
-#[derive(Clone)]
-pub struct Metrics {
-    desired: Family<FnLabel, Gauge>,
-    current: Family<FnLabel, Gauge>,
-    value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    decisions: Family<ReasonLabel, Counter>,
-    scaler_errors: Family<ScalerLabel, Counter>,
-    patches: Family<FnLabel, Counter>,
-    patch_errors: Family<FnLabel, Counter>,
-    /// Counts decided from a stale read and decided again.
-    stale: Family<FnLabel, Counter>,
-    /// One poll over every function.
-    poll_duration: Histogram,
-}
-
-impl Metrics {
-    pub fn register(r: &mut Registry) -> Self {
-        let m = Self {
-            desired: Family::default(),
-            current: Family::default(),
-            value: Family::default(),
-            decisions: Family::default(),
-            scaler_errors: Family::default(),
-            patches: Family::default(),
-            patch_errors: Family::default(),
-            stale: Family::default(),
-            poll_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-        };
-        r.register(
-            "ebb_autoscaler_desired_replicas",
-            "Replicas the policy asks for",
-            m.desired.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_current_replicas",
-            "Replicas the workload has",
-            m.current.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_metric_value",
-            "Last value read per input",
-            m.value.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_decisions",
-            "Policy decisions by reason",
-            m.decisions.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scaler_errors",
-            "Inputs that could not be read",
-            m.scaler_errors.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patches",
-            "Scale changes applied (on Kubernetes, scale subresource patches)",
-            m.patches.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_scale_patch_errors",
-            "Scale changes that failed",
-            m.patch_errors.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_stale_decisions",
-            "Counts decided from a workload that changed before the scale was written (409), decided again",
-            m.stale.clone(),
-        );
-        r.register(
-            "ebb_autoscaler_poll_duration_seconds",
-            "One poll: every function's inputs read, its count decided and applied",
-            m.poll_duration.clone(),
-        );
-        m
+ebb_runtime::metrics! {
+    /// The poll's metrics (`ebb_autoscaler_…`), labelled by function key
+    /// (`namespace/name`).
+    #[derive(Clone)]
+    pub struct Metrics {
+        /// Replicas the policy asks for.
+        desired: Family<FnLabel, Gauge> as "ebb_autoscaler_desired_replicas",
+        /// Replicas the workload has.
+        current: Family<FnLabel, Gauge> as "ebb_autoscaler_current_replicas",
+        /// Last value read per input.
+        value: Family<InputLabel, Gauge<f64, std::sync::atomic::AtomicU64>>
+            as "ebb_autoscaler_metric_value",
+        /// Policy decisions by reason.
+        decisions: Family<ReasonLabel, Counter> as "ebb_autoscaler_decisions",
+        /// Inputs that could not be read.
+        scaler_errors: Family<ScalerLabel, Counter> as "ebb_autoscaler_scaler_errors",
+        /// Scale changes applied (on Kubernetes, scale subresource patches).
+        patches: Family<FnLabel, Counter> as "ebb_autoscaler_scale_patches",
+        /// Scale changes that failed.
+        patch_errors: Family<FnLabel, Counter> as "ebb_autoscaler_scale_patch_errors",
+        /// Counts decided from a workload that changed before the scale was written (409), decided again.
+        stale: Family<FnLabel, Counter> as "ebb_autoscaler_stale_decisions",
+        /// One poll: every function's inputs read, its count decided and applied.
+        poll_duration: Histogram as "ebb_autoscaler_poll_duration_seconds"
+            = Histogram::new(exponential_buckets(0.001, 2.0, 16)),
     }
 }
 
@@ -474,6 +422,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use prometheus_client::registry::Registry;
+
     use crate::policy::Reason;
     use crate::scalers::{ReadError, ReadFuture, Reading};
     use crate::target::{Applying, ReplicaCounts};
@@ -605,6 +555,33 @@ mod tests {
         Ok(Reading::value(value))
     }
 
+    /// Nothing waiting, `n` finished so far.
+    fn finished(n: u64) -> Result<Reading, &'static str> {
+        Ok(Reading {
+            finished: Some(n),
+            ..Reading::default()
+        })
+    }
+
+    /// Polls, then lets a second pass.
+    async fn poll_a_second(poller: &Poller<()>, target: &Target, functions: &[Arc<FunctionSpec>]) {
+        poller.poll(target, functions).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+
+    /// A poll of one queue input, `input`, for `functions` (each a name
+    /// with a topic, and its replicas); with the handle that sets the
+    /// input's readings.
+    fn one_queue(
+        input: &'static str,
+        functions: &[(&str, u32)],
+    ) -> (Poller<()>, Next, Target, Vec<Arc<FunctionSpec>>) {
+        let (queue, q) = fixed(input, Role::Queue);
+        let target = Target::with(functions);
+        let functions = functions.iter().map(|(name, _)| function(name, &["t"]));
+        (poller(vec![queue]), q, target, functions.collect())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn inputs_are_read_in_order_and_in_flight_never_scales_alone() {
         let (queue, q) = fixed("queue", Role::Queue);
@@ -637,10 +614,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unknown_input_holds_and_the_partition_cap_applies() {
-        let (queue, q) = fixed("kafka", Role::Queue);
-        let poller = poller(vec![queue]);
-        let target = Target::with(&[("log", 0)]);
-        let functions = [function("log", &["l"])];
+        let (poller, q, target, functions) = one_queue("kafka", &[("log", 0)]);
         *q.lock().unwrap() = Err("broker down");
         let steps = poller.poll(&target, &functions).await;
         assert_eq!(steps[0].inputs[0].value, None);
@@ -658,24 +632,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_finished_count_that_moves_is_activity_and_keeps_replicas() {
-        let (queue, q) = fixed("queue", Role::Queue);
-        let poller = poller(vec![queue]);
-        let target = Target::with(&[("jobs", 1)]);
-        let functions = [function("jobs", &["j"])];
+        let (poller, q, target, functions) = one_queue("queue", &[("jobs", 1)]);
         // Nothing waits at any poll, but work is finished between polls.
-        for finished in 0..30 {
-            *q.lock().unwrap() = Ok(Reading {
-                finished: Some(finished),
-                ..Reading::default()
-            });
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+        for n in 0..30 {
+            *q.lock().unwrap() = finished(n);
+            poll_a_second(&poller, &target, &functions).await;
         }
         assert!(target.applied().is_empty(), "a trickle is not idle");
         // The count stops moving: idle for scale-to-zero-after (10 s), then 0.
         for _ in 0..12 {
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+            poll_a_second(&poller, &target, &functions).await;
         }
         assert_eq!(target.applied(), [("jobs".to_owned(), 1, 0)]);
     }
@@ -734,18 +700,9 @@ mod tests {
         for n in 0..30 {
             // Only the smaller queue's count moves: no evidence of work on
             // the queue the policy sizes by.
-            *s.lock().unwrap() = Ok(Reading {
-                value: 0.0,
-                finished: Some(n),
-                ..Reading::default()
-            });
-            *l.lock().unwrap() = Ok(Reading {
-                value: 0.0,
-                finished: Some(7),
-                ..Reading::default()
-            });
-            poller.poll(&target, &functions).await;
-            tokio::time::advance(Duration::from_secs(1)).await;
+            *s.lock().unwrap() = finished(n);
+            *l.lock().unwrap() = finished(7);
+            poll_a_second(&poller, &target, &functions).await;
         }
         // On a tie the later queue counts: `large` never moved, so idle.
         assert_eq!(target.applied(), [("f".to_owned(), 1, 0)]);
@@ -858,15 +815,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn removed_functions_are_forgotten() {
-        let (queue, q) = fixed("queue", Role::Queue);
-        let poller = poller(vec![queue]);
+        let (poller, q, target, functions) = one_queue("queue", &[("a", 0), ("b", 0)]);
         *q.lock().unwrap() = value(0.0);
-        let target = Target::with(&[("a", 0), ("b", 0)]);
-        poller
-            .poll(&target, &[function("a", &["t"]), function("b", &["t"])])
-            .await;
+        poller.poll(&target, &functions).await;
         assert_eq!(poller.lock().len(), 2);
-        poller.poll(&target, &[function("a", &["t"])]).await;
+        poller.poll(&target, &functions[..1]).await;
         assert_eq!(
             poller.lock().keys().cloned().collect::<Vec<_>>(),
             ["default/a"]

@@ -737,6 +737,30 @@ mod tests {
         WorkloadRef::deployment("shop", "echo")
     }
 
+    /// Sets the [`deployment`] `from` → `to` while `script` answers.
+    async fn set_deployment<S>(
+        script: impl FnOnce(Scenario) -> S,
+        (from, to): (u32, u32),
+        reason: &str,
+    ) -> Result<SetOutcome, TargetError>
+    where
+        S: Future<Output = ()> + Send + 'static,
+    {
+        let w = deployment();
+        scripted(script, async |t| t.set(&w, from, to, reason).await).await
+    }
+
+    /// Wakes the [`deployment`] to one replica while `script` answers.
+    async fn wake_deployment<S>(
+        script: impl FnOnce(Scenario) -> S,
+    ) -> Result<WakeOutcome, TargetError>
+    where
+        S: Future<Output = ()> + Send + 'static,
+    {
+        let w = deployment();
+        scripted(script, async |t| t.wake(&w, 1).await).await
+    }
+
     #[tokio::test]
     async fn get_reads_the_scale_subresource() {
         let w = deployment();
@@ -771,19 +795,17 @@ mod tests {
 
     #[tokio::test]
     async fn set_does_not_patch_an_unchanged_count() {
-        let w = deployment();
         let script = async |mut api| {
             get_scale(&mut api, DEPLOY_SCALE, 4, "7").await;
             // No further request: the client is dropped after `set`.
             api.closed(Duration::from_secs(1)).await;
         };
-        let outcome = scripted(script, async |t| t.set(&w, 3, 4, "same").await).await;
+        let outcome = set_deployment(script, (3, 4), "same").await;
         assert_eq!(outcome.expect("set"), SetOutcome::Unchanged { replicas: 4 });
     }
 
     #[tokio::test]
     async fn set_retries_a_conflict_after_rereading() {
-        let w = deployment();
         let script = async |mut api| {
             conflict_then_reread(&mut api, (1, "7"), (2, "9")).await;
             let (seen, reply) = api.next().await;
@@ -791,7 +813,7 @@ mod tests {
             assert_eq!(seen.body, json!({"spec": {"replicas": 5}}));
             reply.json(200, &scale(5, "10"));
         };
-        let outcome = scripted(script, async |t| t.set(&w, 1, 5, "r").await).await;
+        let outcome = set_deployment(script, (1, 5), "r").await;
         assert_eq!(outcome.expect("set"), SetOutcome::Scaled { from: 2, to: 5 });
     }
 
@@ -825,13 +847,12 @@ mod tests {
 
     #[tokio::test]
     async fn set_reports_a_forbidden_patch_without_retrying() {
-        let w = deployment();
         let script = async |mut api| {
             any_scale(&mut api, 1, "7").await;
             let (_, reply) = api.next().await;
             reply.status(403, "Forbidden", "cannot patch resource");
         };
-        let err = scripted(script, async |t| t.set(&w, 1, 5, "r").await)
+        let err = set_deployment(script, (1, 5), "r")
             .await
             .expect_err("forbidden");
         assert_eq!(err.metric_label(), "scale_forbidden");
@@ -844,23 +865,21 @@ mod tests {
 
     #[tokio::test]
     async fn wake_patch_carries_the_resource_version() {
-        let w = deployment();
         let script = async |mut api| {
             get_scale(&mut api, DEPLOY_SCALE, 0, "123").await;
             let body = json!({"metadata": {"resourceVersion": "123"}, "spec": {"replicas": 1}});
             merge_patch(&mut api, DEPLOY_SCALE, body, 1, "124").await;
         };
-        let outcome = scripted(script, async |t| t.wake(&w, 1).await).await;
+        let outcome = wake_deployment(script).await;
         assert_eq!(outcome.expect("wake"), WakeOutcome::Woken { to: 1 });
     }
 
     #[tokio::test]
     async fn wake_after_a_conflict_sees_the_workload_up() {
-        let w = deployment();
         let script = async |mut api| {
             conflict_then_reread(&mut api, (0, "5"), (1, "6")).await;
         };
-        let outcome = scripted(script, async |t| t.wake(&w, 1).await).await;
+        let outcome = wake_deployment(script).await;
         assert_eq!(
             outcome.expect("wake"),
             WakeOutcome::AlreadyUp { replicas: 1 }

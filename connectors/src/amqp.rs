@@ -516,6 +516,19 @@ fn check(spec: &FunctionSpec) -> Option<Result<(), String>> {
     Some(Ok(()))
 }
 
+/// A new channel on `conn` whose publishes the broker confirms.
+async fn confirming_channel(conn: &Connection) -> Result<Channel, Error> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("open a channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::broker("publisher confirms", e))?;
+    Ok(channel)
+}
+
 /// The connection and what was set up on it.
 struct Session {
     conn: Connection,
@@ -566,14 +579,7 @@ async fn open_session(cfg: &AmqpConfig, exchange: &ShortString) -> Result<Sessio
         )
         .await
         .map_err(|e| Error::broker(format!("declare exchange {exchange}"), e))?;
-    let publisher = conn
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("open a channel", e))?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::broker("publisher confirms", e))?;
+    let publisher = confirming_channel(&conn).await?;
     Ok(Session {
         conn,
         setup,
@@ -1062,14 +1068,7 @@ pub async fn publish(
     let exchange = short("--exchange", exchange)?;
     let key = short("topic", topic)?;
     let conn = connect_once(url, "ebb-publish").await?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("open a channel", e))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::broker("publisher confirms", e))?;
+    let channel = confirming_channel(&conn).await?;
     let r = publish_confirmed(&channel, &exchange, key, headers, &body).await;
     let _ = conn.close(200, "done".into()).await;
     r.map_err(|e| {
@@ -1093,15 +1092,16 @@ mod tests {
 
     #[test]
     fn topics_become_binding_keys() {
-        assert_eq!(binding_key("orders"), "orders");
-        assert_eq!(binding_key("pay.*"), "pay.*");
-        assert_eq!(binding_key("pay.>"), "pay.#");
-        assert_eq!(binding_key(">"), "#");
-        assert_eq!(
-            binding_key("a.>b"),
-            "a.>b",
-            "only a whole word is a wildcard"
-        );
+        for (topic, key) in [
+            ("orders", "orders"),
+            ("pay.*", "pay.*"),
+            ("pay.>", "pay.#"),
+            (">", "#"),
+            // Only a whole word is a wildcard.
+            ("a.>b", "a.>b"),
+        ] {
+            assert_eq!(binding_key(topic), key, "topic {topic}");
+        }
     }
 
     #[test]

@@ -33,7 +33,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -291,48 +290,26 @@ struct FunctionLabel {
     function: String,
 }
 
-/// The cron connector's own metrics.
-#[derive(Clone)]
-pub struct CronMetrics {
-    fires: Family<FunctionLabel, Counter>,
-    missed: Family<FunctionLabel, Counter>,
-    skipped: Family<FunctionLabel, Counter>,
-    replaced: Family<FunctionLabel, Counter>,
-    /// Fire start − scheduled instant.
-    firing_error: Histogram,
-}
+/// Ticks per function.
+type Ticks = Family<FunctionLabel, Counter>;
 
-impl CronMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            fires: Family::default(),
-            missed: Family::default(),
-            skipped: Family::default(),
-            replaced: Family::default(),
-            firing_error: Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
-        };
-        registry.register("ebb_cron_fires", "Ticks fired", m.fires.clone());
-        registry.register(
-            "ebb_cron_missed",
-            "Ticks that could not fire in time (downtime, failover) and were not fired late",
-            m.missed.clone(),
-        );
-        registry.register(
-            "ebb_cron_skipped",
-            "Ticks skipped because the previous fire still ran (concurrency: forbid)",
-            m.skipped.clone(),
-        );
-        registry.register(
-            "ebb_cron_replaced",
-            "Running fires cancelled by the next tick (concurrency: replace)",
-            m.replaced.clone(),
-        );
-        registry.register(
-            "ebb_cron_firing_error_seconds",
-            "How late a fire started after its scheduled instant",
-            m.firing_error.clone(),
-        );
-        m
+ebb_runtime::metrics! {
+    /// The cron connector's own metrics.
+    #[derive(Clone)]
+    pub struct CronMetrics {
+        /// Ticks fired.
+        fires: Ticks as "ebb_cron_fires",
+        /// Ticks that could not fire in time (downtime, failover) and were not fired late.
+        missed: Ticks as "ebb_cron_missed",
+        /// Ticks skipped because the previous fire still ran (concurrency: forbid).
+        skipped: Ticks as "ebb_cron_skipped",
+        /// Running fires cancelled by the next tick (concurrency: replace).
+        replaced: Ticks as "ebb_cron_replaced",
+        /// How late a fire started after its scheduled instant.
+        ///
+        /// Fire start − scheduled instant.
+        firing_error: Histogram as "ebb_cron_firing_error_seconds"
+            = Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
     }
 }
 
@@ -838,6 +815,7 @@ mod tests {
     use super::*;
     use crate::engine::EngineConfig;
     use crate::metrics::Metrics;
+    use prometheus_client::registry::Registry;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn at(s: &str) -> DateTime<Utc> {
@@ -972,39 +950,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn forbid_skips_ticks_while_the_previous_fire_runs() {
-        let r = ten_seconds("forbid", Duration::from_millis(2500)).await;
-        let fires = r.recorder.fires.lock().unwrap().clone();
-        // Fires at :01, :04, :07, :10; each runs 2.5 s and blocks two ticks.
-        let scheduled: Vec<_> = fires.iter().map(|f| f.0).collect();
-        assert_eq!(
-            scheduled,
-            vec![
-                at("2026-11-25T10:00:01Z"),
-                at("2026-11-25T10:00:04Z"),
-                at("2026-11-25T10:00:07Z"),
-                at("2026-11-25T10:00:10Z"),
-            ]
-        );
-        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 1);
-        assert_eq!(r.count(&r.metrics.skipped), 6);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn allow_runs_fires_side_by_side() {
-        let r = ten_seconds("allow", Duration::from_millis(2500)).await;
-        assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
-        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 3);
-        assert_eq!(r.count(&r.metrics.skipped), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn replace_cancels_the_running_fire() {
-        let r = ten_seconds("replace", Duration::from_millis(2500)).await;
-        assert_eq!(r.recorder.fires.lock().unwrap().len(), 10);
-        assert_eq!(r.recorder.max_active.load(Ordering::SeqCst), 1);
-        // Every fire but the last was cancelled by the next tick.
-        assert_eq!(r.count(&r.metrics.replaced), 9);
+    async fn concurrency_decides_what_a_tick_does_while_a_fire_runs() {
+        let seconds = |s: &[i64]| -> Vec<_> {
+            let first = at("2026-11-25T10:00:00Z");
+            s.iter()
+                .map(|&n| first + chrono::Duration::seconds(n))
+                .collect()
+        };
+        let every = seconds(&(1..=10).collect::<Vec<_>>());
+        // Each fire runs 2.5 s: (concurrency, ticks fired, most fires
+        // running at once, ticks skipped, fires replaced).
+        let rows = [
+            // Fires at :01, :04, :07, :10; each blocks two ticks.
+            ("forbid", seconds(&[1, 4, 7, 10]), 1, 6, 0),
+            ("allow", every.clone(), 3, 0, 0),
+            // Every fire but the last is cancelled by the next tick.
+            ("replace", every, 1, 0, 9),
+        ];
+        for (concurrency, fired, max_active, skipped, replaced) in rows {
+            let r = ten_seconds(concurrency, Duration::from_millis(2500)).await;
+            let fires = r.recorder.fires.lock().unwrap().clone();
+            let scheduled: Vec<_> = fires.iter().map(|f| f.0).collect();
+            assert_eq!(scheduled, fired, "{concurrency}");
+            let got = (
+                r.recorder.max_active.load(Ordering::SeqCst),
+                r.count(&r.metrics.skipped),
+                r.count(&r.metrics.replaced),
+            );
+            assert_eq!(got, (max_active, skipped, replaced), "{concurrency}");
+        }
     }
 
     fn every_minute(deadline: &str) -> String {
@@ -1013,20 +987,20 @@ mod tests {
         )
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn after_an_outage_only_the_latest_tick_within_the_deadline_fires() {
-        // Last fired 10:00:00; down until 10:10:30.
+    /// `report`, every minute with starting deadline `deadline`, last fired
+    /// at 10:00:00 and down until 10:10:30, then run for `secs` seconds.
+    async fn back_from_an_outage(deadline: &str, secs: u64) -> (Run, Arc<MemoryTicks>) {
         let ticks = Arc::new(MemoryTicks::default());
         ticks.record("default/report", at("2026-11-25T10:00:00Z"));
         let start = at("2026-11-25T10:10:30Z");
-        let r = run(
-            &every_minute("5m"),
-            start,
-            Duration::from_millis(10),
-            ticks.clone(),
-            5,
-        )
-        .await;
+        let hold = Duration::from_millis(10);
+        let r = run(&every_minute(deadline), start, hold, ticks.clone(), secs).await;
+        (r, ticks)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_only_the_latest_tick_within_the_deadline_fires() {
+        let (r, ticks) = back_from_an_outage("5m", 5).await;
         let fires = r.recorder.fires.lock().unwrap().clone();
         assert_eq!(fires.len(), 1, "{fires:?}");
         assert_eq!(fires[0].0, at("2026-11-25T10:10:00Z"));
@@ -1039,17 +1013,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_a_deadline_missed_ticks_never_fire_late() {
-        let ticks = Arc::new(MemoryTicks::default());
-        ticks.record("default/report", at("2026-11-25T10:00:00Z"));
-        let start = at("2026-11-25T10:10:30Z");
-        let r = run(
-            &every_minute("0s"),
-            start,
-            Duration::from_millis(10),
-            ticks,
-            40,
-        )
-        .await;
+        let (r, _) = back_from_an_outage("0s", 40).await;
         let fires = r.recorder.fires.lock().unwrap().clone();
         // Nothing from the outage; the next regular tick, 10:11, fires.
         assert_eq!(
@@ -1089,6 +1053,14 @@ mod tests {
                 2,
             ),
             ("2026-11-25T10:00:00Z", "2026-11-25T10:03:59Z", 30, None, 3),
+            // A starting deadline beyond the calendar does not panic.
+            (
+                "2026-11-25T10:00:00Z",
+                "2026-11-25T10:03:00.5Z",
+                10_000_000_000_000,
+                Some("2026-11-25T10:03:00Z"),
+                2,
+            ),
         ];
         for (last, now, deadline, fire, missed) in rows {
             let got = catch_up(&s, t(last), t(now), Duration::from_secs(deadline));
@@ -1101,19 +1073,6 @@ mod tests {
                 "last {last} now {now} deadline {deadline}s"
             );
         }
-    }
-
-    #[test]
-    fn a_starting_deadline_beyond_the_calendar_does_not_panic() {
-        let s = Schedule::parse("0 * * * * *", "UTC").unwrap();
-        let got = catch_up(
-            &s,
-            at("2026-11-25T10:00:00Z"),
-            at("2026-11-25T10:03:00.5Z"),
-            Duration::from_secs(10_000_000_000_000),
-        );
-        assert_eq!(got.fire, Some(at("2026-11-25T10:03:00Z")));
-        assert_eq!(got.missed, 2);
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::Path;
 use axum::response::IntoResponse;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -486,12 +488,20 @@ fn config() -> EngineConfig {
     }
 }
 
+/// The engine and its function, and the dead-letter sink the engine is
+/// given, on the test's timeline.
 struct Setup {
     engine: Engine,
     target: Arc<Target>,
+    sink: Sink,
 }
 
-fn setup(spec: FunctionSpec, config: EngineConfig, autoscaler: Option<String>) -> Setup {
+fn setup(
+    tl: &Timeline,
+    spec: FunctionSpec,
+    config: EngineConfig,
+    autoscaler: Option<String>,
+) -> Setup {
     let engine = Engine::new(
         config,
         autoscaler,
@@ -500,11 +510,35 @@ fn setup(spec: FunctionSpec, config: EngineConfig, autoscaler: Option<String>) -
     )
     .unwrap();
     let target = engine.target(Arc::new(spec)).unwrap();
-    Setup { engine, target }
+    Setup {
+        engine,
+        target,
+        sink: Sink::new(tl),
+    }
+}
+
+/// A new timeline, a function answering `script` at its own URL, and an
+/// engine calling it with [`config`]: where most tests start.
+async fn calling(script: Vec<Answer>) -> (Timeline, Setup) {
+    calling_with(script, |_| {}).await
+}
+
+/// [`calling`], with the function's settings changed by `edit` first.
+async fn calling_with(
+    script: Vec<Answer>,
+    edit: impl FnOnce(&mut FunctionSpec),
+) -> (Timeline, Setup) {
+    let tl = Timeline::new();
+    let url = function(&tl, script).await;
+    let mut f = spec(&url);
+    edit(&mut f);
+    let s = setup(&tl, f, config(), None);
+    (tl, s)
 }
 
 /// An engine that picks among `replicas` instead of calling a URL.
 fn setup_replicas(
+    tl: &Timeline,
     mut config: EngineConfig,
     replicas: &Arc<Replicas>,
     autoscaler: Option<String>,
@@ -512,70 +546,60 @@ fn setup_replicas(
     config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
     let mut f = spec("http://127.0.0.1:9/");
     f.url = None;
-    setup(f, config, autoscaler)
+    setup(tl, f, config, autoscaler)
 }
 
 /// A function that answers 200 but has no ready replica yet, behind an
-/// autoscaler: where the held tests start. Answers the engine, the sink,
-/// the replicas, the function's URL and the autoscaler.
-async fn held(tl: &Timeline) -> (Setup, Sink, Arc<Replicas>, String, Autoscaler) {
-    let (autoscaler, autoscaler_url) = Autoscaler::start(tl).await;
-    let url = function(tl, vec![answer(200)]).await;
+/// autoscaler: where the held tests start. Answers a new timeline, the
+/// engine, the replicas, the function's URL and the autoscaler.
+async fn held() -> (Timeline, Setup, Arc<Replicas>, String, Autoscaler) {
+    let tl = Timeline::new();
+    let (autoscaler, autoscaler_url) = Autoscaler::start(&tl).await;
+    let url = function(&tl, vec![answer(200)]).await;
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, Some(autoscaler_url));
-    (s, Sink::new(tl), replicas, url, autoscaler)
+    let s = setup_replicas(&tl, config(), &replicas, Some(autoscaler_url));
+    (tl, s, replicas, url, autoscaler)
 }
 
 impl Setup {
-    async fn deliver(&self, d: Fake, sink: &Sink) {
-        self.engine.deliver(&self.target, &event(), d, sink).await;
+    /// This setup with `sink` in place of its dead-letter sink.
+    fn with_sink(self, sink: Sink) -> Self {
+        Self { sink, ..self }
+    }
+
+    async fn deliver(&self, d: Fake) {
+        self.engine
+            .deliver(&self.target, &event(), d, &self.sink)
+            .await;
     }
 
     fn outcome(&self, outcome: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .deliveries
-            .get_or_create(&OutcomeLabels {
-                function: FUNCTION.into(),
-                outcome,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().deliveries,
+            OutcomeLabels { function, outcome },
+        )
     }
 
     fn calls(&self, outcome: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .attempts
-            .get_or_create(&OutcomeLabels {
-                function: FUNCTION.into(),
-                outcome,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().attempts,
+            OutcomeLabels { function, outcome },
+        )
     }
 
     fn holds(&self, reason: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .holds
-            .get_or_create(&ReasonLabels {
-                function: FUNCTION.into(),
-                reason,
-            })
-            .get()
+        let function = FUNCTION.into();
+        count(
+            &self.engine.metrics().holds,
+            ReasonLabels { function, reason },
+        )
     }
 
-    fn per_function(
-        &self,
-        family: &prometheus_client::metrics::family::Family<
-            FunctionLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-    ) -> u64 {
-        family
-            .get_or_create(&FunctionLabels {
-                function: FUNCTION.into(),
-            })
-            .get()
+    fn per_function(&self, family: &Family<FunctionLabels, Counter>) -> u64 {
+        let function = FUNCTION.into();
+        count(family, FunctionLabels { function })
     }
 
     fn retries(&self) -> u64 {
@@ -591,11 +615,7 @@ impl Setup {
     }
 
     fn errors(&self, error: &'static str) -> u64 {
-        self.engine
-            .metrics()
-            .errors
-            .get_or_create(&ErrorLabels { error })
-            .get()
+        count(&self.engine.metrics().errors, ErrorLabels { error })
     }
 
     fn inflight(&self) -> i64 {
@@ -607,6 +627,14 @@ impl Setup {
             })
             .get()
     }
+}
+
+/// The count of `family` for `labels`.
+fn count<L>(family: &Family<L, Counter>, labels: L) -> u64
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family.get_or_create(&labels).get()
 }
 
 fn event() -> Event {
@@ -631,6 +659,27 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap()
 }
 
+/// A call with this attempt number, answered 2xx with `body` and acked, all
+/// at `at`.
+fn replied(at: Duration, attempt: u32, body: &'static [u8]) -> [(Duration, Step); 3] {
+    [
+        (at, Step::Call(attempt)),
+        (at, Step::Reply(Bytes::from_static(body))),
+        (at, Step::Ack),
+    ]
+}
+
+/// [`replied`] with no body.
+fn delivered(at: Duration, attempt: u32) -> [(Duration, Step); 3] {
+    replied(at, attempt, b"")
+}
+
+/// A call with this attempt number given up: its dead letter published
+/// (`stored` or not), then the event settled by `then`.
+fn dead_letter_then(attempt: u32, stored: bool, then: Step) -> [Step; 3] {
+    [Step::Call(attempt), Step::Publish { ok: stored }, then]
+}
+
 /// The one delay of the one `RetryLater` among `steps`.
 fn retry_delay(steps: &[Step]) -> Duration {
     match steps {
@@ -644,27 +693,17 @@ fn retry_delay(steps: &[Step]) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn a_2xx_is_acked_once_and_counted_delivered() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).body("done")]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl);
+    let (tl, s) = calling(vec![answer(200).body("done")]).await;
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
-    assert_eq!(
-        tl.steps(),
-        [
-            (ms(0), Step::Call(1)),
-            (ms(0), Step::Reply(Bytes::from_static(b"done"))),
-            (ms(0), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), replied(ms(0), 1, b"done"));
     assert_eq!(s.outcome("delivered"), 1);
     assert_eq!(s.calls("ok"), 1);
     assert_eq!(s.calls("failed"), 0);
     assert_eq!(s.retries(), 0);
     assert_eq!(s.inflight(), 0);
-    assert!(sink.stored().is_empty());
+    assert!(s.sink.stored().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -672,15 +711,11 @@ async fn a_2xx_is_acked_once_and_counted_delivered() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_delay() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl);
+    let (tl, s) = calling(vec![answer(500)]).await;
 
     // The broker's third delivery: the engine numbers the call 3 and backs
     // off as after a third failure (1 s × 2², full jitter).
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
 
     let kinds = tl.kinds();
     assert_eq!(kinds[..kinds.len() - 1], [Step::Call(3)]);
@@ -691,17 +726,14 @@ async fn a_failure_with_a_redelivering_source_is_given_back_with_the_backoff_del
     assert_eq!(s.calls("failed"), 1);
     assert_eq!(s.retries(), 1);
     assert_eq!(s.outcome("delivered"), 0);
-    assert!(sink.stored().is_empty());
+    assert!(s.sink.stored().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_calls_again() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(503), answer(500), answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl);
+    let (tl, s) = calling(vec![answer(503), answer(500), answer(200)]).await;
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     let kinds = tl.kinds();
     assert_eq!(
@@ -728,14 +760,10 @@ async fn a_failure_with_a_source_that_does_not_redeliver_waits_the_backoff_and_c
 
 #[tokio::test(start_paused = true)]
 async fn a_call_past_the_function_timeout_is_a_failed_attempt() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).after(secs(60))]).await;
-    let mut f = spec(&url);
-    f.timeout = secs(10);
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
+    let script = vec![answer(200).after(secs(60))];
+    let (tl, s) = calling_with(script, |f| f.timeout = secs(10)).await;
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     let steps = tl.steps();
     assert_eq!(steps[0], (ms(0), Step::Call(1)));
@@ -767,9 +795,8 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
     let tl = Timeline::new();
     let hung_up = raw(b"").await;
-    let s = setup(spec(&hung_up), config(), None);
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    let s = setup(&tl, spec(&hung_up), config(), None);
+    s.deliver(Fake::new(&tl).redelivering()).await;
     let kinds = tl.kinds();
     assert!(matches!(kinds[..], [Step::RetryLater(_)]), "{kinds:?}");
     assert_eq!(s.calls("failed"), 1);
@@ -777,9 +804,8 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
     let tl = Timeline::new();
     let cut = raw(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial").await;
-    let s = setup(spec(&cut), config(), None);
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    let s = setup(&tl, spec(&cut), config(), None);
+    s.deliver(Fake::new(&tl).redelivering()).await;
     assert_eq!(tl.kinds(), [Step::Reply(Bytes::new()), Step::Ack]);
     assert_eq!(s.outcome("delivered"), 1);
 }
@@ -789,23 +815,15 @@ async fn a_broken_connection_is_a_failed_attempt_and_a_broken_2xx_body_is_delive
 
 #[tokio::test(start_paused = true)]
 async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_is_ready() {
-    let tl = Timeline::new();
-    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
+    let (tl, s, replicas, url, autoscaler) = held().await;
 
-    tokio::join!(s.deliver(Fake::new(&tl).redelivering(), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl).redelivering()), async {
         tokio::time::sleep(secs(3)).await;
         replicas.set(&url);
     });
 
     // Called the moment the replica was ready, as attempt 1: holds are not attempts.
-    assert_eq!(
-        tl.steps(),
-        [
-            (secs(3), Step::Call(1)),
-            (secs(3), Step::Reply(Bytes::new())),
-            (secs(3), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), delivered(secs(3), 1));
     let wakes = autoscaler.wakes();
     assert_eq!(
         wakes.first(),
@@ -827,18 +845,17 @@ async fn with_no_replica_the_function_is_woken_and_the_event_delivered_once_one_
 
 #[tokio::test(start_paused = true)]
 async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second() {
-    let tl = Timeline::new();
-    let (s, sink, replicas, url, autoscaler) = held(&tl).await;
+    let (tl, s, replicas, url, autoscaler) = held().await;
 
     // At zero: woken; a replica comes up at 0.5 s and takes the event.
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(ms(500)).await;
         replicas.set(&url);
     });
     // Back at zero within the second: a new cold start, woken at once; then
     // held until 3 s, woken again once a second has passed.
     replicas.unset();
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(ms(2500)).await;
         replicas.set(&url);
     });
@@ -850,14 +867,7 @@ async fn a_hold_right_after_a_delivery_wakes_at_once_then_at_most_once_a_second(
     assert_eq!(at, [ms(0), ms(500), ms(2075)]);
     assert_eq!(
         tl.steps(),
-        [
-            (ms(500), Step::Call(1)),
-            (ms(500), Step::Reply(Bytes::new())),
-            (ms(500), Step::Ack),
-            (secs(3), Step::Call(1)),
-            (secs(3), Step::Reply(Bytes::new())),
-            (secs(3), Step::Ack),
-        ]
+        [delivered(ms(500), 1), delivered(secs(3), 1)].concat()
     );
 }
 
@@ -873,10 +883,9 @@ async fn a_refused_connection_is_a_hold_until_the_function_listens() {
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let path = unique_path("f");
     let url = format!("http://{}{path}", socket.local_addr().unwrap());
-    let s = setup(spec(&url), config(), Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, spec(&url), config(), Some(autoscaler_url));
 
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(3)).await;
         let l = socket.listen(16).unwrap();
         serve_on(l, function_router(&tl, vec![answer(200)], &path)).await;
@@ -913,23 +922,18 @@ async fn the_workers_own_refusals_are_holds_not_attempts() {
         ],
     )
     .await;
-    let s = setup(spec(&url), config(), Some(autoscaler_url));
-    let sink = Sink::new(&tl);
+    let s = setup(&tl, spec(&url), config(), Some(autoscaler_url));
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     // Same attempt each time, on the hold's 25 ms then 50 ms pauses; never
     // given back to the broker.
+    let steps = tl.steps();
     assert_eq!(
-        tl.steps(),
-        [
-            (ms(0), Step::Call(1)),
-            (ms(25), Step::Call(1)),
-            (ms(75), Step::Call(1)),
-            (ms(75), Step::Reply(Bytes::new())),
-            (ms(75), Step::Ack),
-        ]
+        steps[..2],
+        [(ms(0), Step::Call(1)), (ms(25), Step::Call(1))]
     );
+    assert_eq!(steps[2..], delivered(ms(75), 1));
     assert_eq!(s.holds("busy"), 1);
     assert_eq!(s.holds("draining"), 1);
     assert_eq!(s.calls("failed"), 0);
@@ -959,10 +963,9 @@ async fn a_hold_past_the_hold_timeout_is_one_failed_attempt() {
     let replicas = Arc::new(Replicas::default());
     let mut config = hold_config();
     config.backoff.base = secs(2);
-    let s = setup_replicas(config, &replicas, None);
+    let s = setup_replicas(&tl, config, &replicas, None);
 
-    s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-        .await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     let steps = tl.steps();
     let [(at, Step::RetryLater(delay))] = steps[..] else {
@@ -982,22 +985,13 @@ async fn after_a_hold_timeout_the_next_call_is_the_next_attempt() {
     f.max_attempts = 2;
     let mut config = hold_config();
     config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
-    let s = setup(f, config, None);
-
-    let sink = Sink::new(&tl);
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    let s = setup(&tl, f, config, None);
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(15)).await;
         replicas.set(&url);
     });
 
-    assert_eq!(
-        tl.steps(),
-        [
-            (secs(15), Step::Call(2)),
-            (secs(15), Step::Reply(Bytes::new())),
-            (secs(15), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps(), delivered(secs(15), 2));
     assert_eq!(s.retries(), 1);
 }
 
@@ -1010,11 +1004,10 @@ async fn holds_past_the_hold_timeout_exhaust_the_attempts() {
         config.resolver = Some(Resolver(Arc::new(Only(replicas.clone()))));
         let mut f = spec("http://127.0.0.1:9/");
         f.max_attempts = 2;
-        setup(f, config, None)
+        setup(&tl, f, config, None)
     };
-    let sink = Sink::new(&tl);
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     let steps = tl.steps();
     assert_eq!(
@@ -1027,7 +1020,7 @@ async fn holds_past_the_hold_timeout_exhaust_the_attempts() {
         at >= HOLD_TIMED_OUT * 2 && at <= HOLD_TIMED_OUT * 2 + secs(1),
         "{at:?}"
     );
-    let stored = sink.stored();
+    let stored = s.sink.stored();
     let h = &stored[0].headers;
     assert_eq!(
         header(h, "ebb-dead-letter-reason"),
@@ -1046,11 +1039,8 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     for (value, want) in [("7", secs(7)), ("999999999999", DAY)] {
         // A redelivering source: the broker waits exactly that long.
-        let tl = Timeline::new();
-        let url = function(&tl, vec![answer(503).header("retry-after", value)]).await;
-        let s = setup(spec(&url), config(), None);
-        s.deliver(Fake::new(&tl).redelivering(), &Sink::new(&tl))
-            .await;
+        let (tl, s) = calling(vec![answer(503).header("retry-after", value)]).await;
+        s.deliver(Fake::new(&tl).redelivering()).await;
         assert_eq!(
             tl.kinds(),
             [Step::Call(1), Step::RetryLater(want)],
@@ -1058,34 +1048,18 @@ async fn retry_after_sets_the_delay_and_a_huge_one_is_capped_at_a_day() {
         );
 
         // A source that does not redeliver: the engine waits exactly that long.
-        let tl = Timeline::new();
-        let url = function(
-            &tl,
-            vec![answer(429).header("retry-after", value), answer(200)],
-        )
-        .await;
-        let s = setup(spec(&url), config(), None);
-        s.deliver(Fake::new(&tl), &Sink::new(&tl)).await;
-        assert_eq!(
-            tl.steps(),
-            [
-                (ms(0), Step::Call(1)),
-                (want, Step::Call(2)),
-                (want, Step::Reply(Bytes::new())),
-                (want, Step::Ack),
-            ],
-            "{value}"
-        );
+        let (tl, s) = calling(vec![answer(429).header("retry-after", value), answer(200)]).await;
+        s.deliver(Fake::new(&tl)).await;
+        let steps = tl.steps();
+        assert_eq!(steps[0], (ms(0), Step::Call(1)), "{value}");
+        assert_eq!(steps[1..], delivered(want, 2), "{value}");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_pause_past_the_unacked_limit_requeues_as_the_next_attempt() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(503).header("retry-after", "600")]).await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(Fake::new(&tl).max_unacked(secs(120)), &Sink::new(&tl))
-        .await;
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "600")]).await;
+    s.deliver(Fake::new(&tl).max_unacked(secs(120))).await;
     // Handed back at once with the whole pause: never held unacked for it.
     assert_eq!(
         tl.steps(),
@@ -1094,46 +1068,27 @@ async fn a_retry_pause_past_the_unacked_limit_requeues_as_the_next_attempt() {
     assert_eq!(s.outcome("requeued"), 1);
 
     // A pause that fits stays in the engine.
-    let tl = Timeline::new();
-    let url = function(
-        &tl,
-        vec![answer(503).header("retry-after", "7"), answer(200)],
-    )
-    .await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(Fake::new(&tl).max_unacked(secs(120)), &Sink::new(&tl))
-        .await;
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "7"), answer(200)]).await;
+    s.deliver(Fake::new(&tl).max_unacked(secs(120))).await;
     assert_eq!(tl.when(|s| *s == Step::Call(2)), [secs(7)]);
     assert_eq!(s.outcome("requeued"), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_requeued_message_waits_what_was_left_of_its_pause() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(
-        Fake::new(&tl)
+    let (tl, s) = calling(vec![answer(200)]).await;
+    let requeued = |tl: &Timeline, wait| {
+        Fake::new(tl)
             .attempt(2)
             .max_unacked(secs(120))
-            .not_before(secs(30)),
-        &Sink::new(&tl),
-    )
-    .await;
+            .not_before(wait)
+    };
+    s.deliver(requeued(&tl, secs(30))).await;
     assert_eq!(tl.when(|s| *s == Step::Call(2)), [secs(30)]);
 
     // Longer than the limit: handed back again, same attempt, what is left.
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(
-        Fake::new(&tl)
-            .attempt(2)
-            .max_unacked(secs(120))
-            .not_before(secs(500)),
-        &Sink::new(&tl),
-    )
-    .await;
+    let (tl, s) = calling(vec![answer(200)]).await;
+    s.deliver(requeued(&tl, secs(500))).await;
     assert_eq!(tl.steps(), [(ms(0), Step::Requeue(2, secs(500)))]);
 }
 
@@ -1146,9 +1101,8 @@ async fn a_hold_past_the_unacked_limit_requeues_as_the_same_attempt() {
     let url = format!("http://{}/f", socket.local_addr().unwrap());
     let mut cfg = config();
     cfg.hold_timeout = secs(3600);
-    let s = setup(spec(&url), cfg, None);
-    s.deliver(Fake::new(&tl).max_unacked(secs(10)), &Sink::new(&tl))
-        .await;
+    let s = setup(&tl, spec(&url), cfg, None);
+    s.deliver(Fake::new(&tl).max_unacked(secs(10))).await;
     let steps = tl.steps();
     let (at, last) = steps.last().cloned().expect("a step");
     assert!(matches!(last, Step::Requeue(1, _)), "{steps:?}");
@@ -1161,18 +1115,12 @@ async fn a_hold_past_the_unacked_limit_requeues_as_the_same_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(422).body("bad\u{1}input")]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl);
+    let (tl, s) = calling(vec![answer(422).body("bad\u{1}input")]).await;
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
-    );
-    let stored = sink.stored();
+    assert_eq!(tl.kinds(), dead_letter_then(1, true, Step::Terminate));
+    let stored = s.sink.stored();
     let [dl] = &stored[..] else {
         panic!("one dead letter")
     };
@@ -1195,13 +1143,9 @@ async fn a_non_retryable_4xx_is_dead_lettered_with_its_reasons_then_terminated()
 #[tokio::test(start_paused = true)]
 async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     // The engine retries itself.
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500).body("oops")]).await;
-    let mut f = spec(&url);
-    f.max_attempts = 3;
-    let s = setup(f.clone(), config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl), &sink).await;
+    let three = |f: &mut FunctionSpec| f.max_attempts = 3;
+    let (tl, s) = calling_with(vec![answer(500).body("oops")], three).await;
+    s.deliver(Fake::new(&tl)).await;
     assert_eq!(
         tl.kinds(),
         [
@@ -1212,7 +1156,7 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
             Step::Terminate
         ]
     );
-    let h = sink.stored()[0].headers.clone();
+    let h = s.sink.stored()[0].headers.clone();
     assert_eq!(
         header(&h, "ebb-dead-letter-reason"),
         "attempts exhausted (3 of 3, last: status 500)"
@@ -1223,31 +1167,18 @@ async fn exhausted_attempts_are_dead_lettered_then_terminated() {
     assert_eq!(s.retries(), 2);
 
     // The broker's last delivery: one call, then the dead letter.
-    let tl = Timeline::new();
-    f.url = Some(function(&tl, vec![answer(500)]).await);
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(3), Step::Publish { ok: true }, Step::Terminate]
-    );
+    let (tl, s) = calling_with(vec![answer(500)], three).await;
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
+    assert_eq!(tl.kinds(), dead_letter_then(3, true, Step::Terminate));
     assert_eq!(s.outcome("dead_lettered"), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let mut f = spec(&url);
-    f.max_attempts = 2;
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(Fake::new(&tl).redelivering().attempt(3), &sink)
-        .await;
+    let (tl, s) = calling_with(vec![answer(200)], |f| f.max_attempts = 2).await;
+    s.deliver(Fake::new(&tl).redelivering().attempt(3)).await;
     assert_eq!(tl.kinds(), [Step::Publish { ok: true }, Step::Terminate]);
-    let h = sink.stored()[0].headers.clone();
+    let h = s.sink.stored()[0].headers.clone();
     assert_eq!(
         header(&h, "ebb-dead-letter-reason"),
         "attempts exhausted (2 of 2)"
@@ -1257,19 +1188,26 @@ async fn a_redelivery_past_the_budget_is_dead_lettered_without_another_call() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn without_a_dead_letter_destination_a_given_up_event_is_dropped() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let mut f = spec(&url);
-    f.dead_letter = None;
-    let s = setup(f, config(), None);
-    let sink = Sink::new(&tl);
+async fn with_dead_letters_off_a_given_up_event_is_dropped() {
+    let (tl, s) = calling_with(vec![answer(400)], |f| {
+        f.dead_letter = Some(ebb_model::NO_DEAD_LETTER.into())
+    })
+    .await;
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     assert_eq!(tl.kinds(), [Step::Call(1), Step::Terminate]);
     assert_eq!(s.outcome("dropped"), 1);
     assert_eq!(s.dead_letters(), 0);
+
+    // Without a `dead-letter` setting: the function's default destination.
+    let (tl, s) = calling_with(vec![answer(400)], |f| f.dead_letter = None).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
+    assert_eq!(
+        tl.kinds(),
+        [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
+    );
+    assert_eq!(s.sink.stored()[0].destination, DEAD);
 }
 
 // ---------------------------------------------------------------------------
@@ -1281,10 +1219,10 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
     let url = function(&tl, vec![answer(400)]).await;
     let mut config = config();
     config.backoff.cap = secs(4);
-    let s = setup(spec(&url), config, None);
-    let sink = Sink::new(&tl).failing_first(4);
+    let s = setup(&tl, spec(&url), config, None);
+    let s = s.with_sink(Sink::new(&tl).failing_first(4));
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
     // Pauses from the backoff base, doubling up to its cap: 1, 2, 4, 4 s.
     assert_eq!(
@@ -1299,19 +1237,17 @@ async fn a_failing_dead_letter_is_retried_until_stored_and_only_then_terminated(
             (secs(11), Step::Terminate),
         ]
     );
-    assert_eq!(sink.stored().len(), 1);
+    assert_eq!(s.sink.stored().len(), 1);
     assert_eq!(s.errors("dead_letter"), 4);
     assert_eq!(s.outcome("dead_lettered"), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_terminated() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl).failing_first(1);
+    let (tl, s) = calling(vec![answer(400)]).await;
+    let s = s.with_sink(Sink::new(&tl).failing_first(1));
 
-    s.deliver(Fake::new(&tl).redelivering(), &sink).await;
+    s.deliver(Fake::new(&tl).redelivering()).await;
 
     // Given back after the backoff cap, for the broker to try again.
     assert_eq!(
@@ -1328,17 +1264,12 @@ async fn a_failing_dead_letter_of_a_redelivering_source_is_given_back_never_term
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_letter_that_can_never_be_stored_releases_the_event() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl).broken();
+    let (tl, s) = calling(vec![answer(400)]).await;
+    let s = s.with_sink(Sink::new(&tl).broken());
 
-    s.deliver(Fake::new(&tl), &sink).await;
+    s.deliver(Fake::new(&tl)).await;
 
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: false }, Step::Release]
-    );
+    assert_eq!(tl.kinds(), dead_letter_then(1, false, Step::Release));
     assert_eq!(s.outcome("dead_lettered"), 0);
 }
 
@@ -1350,13 +1281,11 @@ async fn stopping_during_a_hold_releases_the_event_without_counting_an_attempt()
     for redelivering in [false, true] {
         let tl = Timeline::new();
         let replicas = Arc::new(Replicas::default());
-        let s = setup_replicas(config(), &replicas, None);
+        let s = setup_replicas(&tl, config(), &replicas, None);
         let mut d = Fake::new(&tl);
         d.redelivers = redelivering;
         let mut picks_at_stop = 0;
-
-        let sink = Sink::new(&tl);
-        tokio::join!(s.deliver(d, &sink), async {
+        tokio::join!(s.deliver(d), async {
             tokio::time::sleep(secs(5)).await;
             picks_at_stop = replicas.picks();
             s.engine.stopping().cancel();
@@ -1371,16 +1300,8 @@ async fn stopping_during_a_hold_releases_the_event_without_counting_an_attempt()
 
 #[tokio::test(start_paused = true)]
 async fn stopping_during_a_backoff_pause_releases_the_event() {
-    let tl = Timeline::new();
-    let url = function(
-        &tl,
-        vec![answer(503).header("retry-after", "30"), answer(200)],
-    )
-    .await;
-    let s = setup(spec(&url), config(), None);
-
-    let sink = Sink::new(&tl);
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "30"), answer(200)]).await;
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(10)).await;
         s.engine.stopping().cancel();
     });
@@ -1393,12 +1314,10 @@ async fn stopping_during_a_backoff_pause_releases_the_event() {
 
 #[tokio::test(start_paused = true)]
 async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl).failing_first(usize::MAX);
+    let (tl, s) = calling(vec![answer(400)]).await;
+    let s = s.with_sink(Sink::new(&tl).failing_first(usize::MAX));
 
-    tokio::join!(s.deliver(Fake::new(&tl), &sink), async {
+    tokio::join!(s.deliver(Fake::new(&tl)), async {
         tokio::time::sleep(secs(2)).await;
         s.engine.stopping().cancel();
     });
@@ -1419,15 +1338,10 @@ async fn stopping_while_a_dead_letter_is_retried_releases_the_event() {
 
 #[tokio::test(start_paused = true)]
 async fn a_long_call_extends_the_deadline_every_progress_interval() {
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200).after(secs(17))]).await;
-    let s = setup(spec(&url), config(), None);
+    let (tl, s) = calling(vec![answer(200).after(secs(17))]).await;
 
-    s.deliver(
-        Fake::new(&tl).redelivering().progress(secs(5)),
-        &Sink::new(&tl),
-    )
-    .await;
+    s.deliver(Fake::new(&tl).redelivering().progress(secs(5)))
+        .await;
 
     assert_eq!(
         tl.steps(),
@@ -1447,11 +1361,9 @@ async fn a_long_hold_extends_the_deadline_across_its_short_pauses() {
     let tl = Timeline::new();
     let url = function(&tl, vec![answer(200)]).await;
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, None);
-
-    let sink = Sink::new(&tl);
+    let s = setup_replicas(&tl, config(), &replicas, None);
     tokio::join!(
-        s.deliver(Fake::new(&tl).redelivering().progress(secs(5)), &sink),
+        s.deliver(Fake::new(&tl).redelivering().progress(secs(5))),
         async {
             tokio::time::sleep(secs(62)).await;
             replicas.set(&url);
@@ -1462,40 +1374,25 @@ async fn a_long_hold_extends_the_deadline_across_its_short_pauses() {
     // every 5 s.
     let extended = tl.when(|s| *s == Step::InProgress);
     assert_eq!(extended, (1..=12).map(|n| secs(5 * n)).collect::<Vec<_>>());
-    assert_eq!(
-        tl.steps()[12..],
-        [
-            (secs(62), Step::Call(1)),
-            (secs(62), Step::Reply(Bytes::new())),
-            (secs(62), Step::Ack),
-        ]
-    );
+    assert_eq!(tl.steps()[12..], delivered(secs(62), 1));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_backoff_pause_extends_the_deadline() {
-    let tl = Timeline::new();
-    let url = function(
-        &tl,
-        vec![answer(503).header("retry-after", "12"), answer(200)],
-    )
-    .await;
-    let s = setup(spec(&url), config(), None);
+    let (tl, s) = calling(vec![answer(503).header("retry-after", "12"), answer(200)]).await;
 
-    s.deliver(Fake::new(&tl).progress(secs(5)), &Sink::new(&tl))
-        .await;
+    s.deliver(Fake::new(&tl).progress(secs(5))).await;
 
+    let steps = tl.steps();
     assert_eq!(
-        tl.steps(),
+        steps[..3],
         [
             (secs(0), Step::Call(1)),
             (secs(5), Step::InProgress),
             (secs(10), Step::InProgress),
-            (secs(12), Step::Call(2)),
-            (secs(12), Step::Reply(Bytes::new())),
-            (secs(12), Step::Ack),
         ]
     );
+    assert_eq!(steps[3..], delivered(secs(12), 2));
 }
 
 // ---------------------------------------------------------------------------
@@ -1504,14 +1401,9 @@ async fn a_backoff_pause_extends_the_deadline() {
 #[tokio::test(start_paused = true)]
 async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     // Ack refused: still delivered (the broker redelivers; at-least-once).
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(200)]).await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::Ack),
-        &Sink::new(&tl),
-    )
-    .await;
+    let (tl, s) = calling(vec![answer(200)]).await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::Ack))
+        .await;
     assert_eq!(
         tl.kinds(),
         [Step::Call(1), Step::Reply(Bytes::new()), Step::Ack]
@@ -1520,14 +1412,9 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     assert_eq!(s.outcome("delivered"), 1);
 
     // Retry-later refused: nothing else (the broker redelivers after its ack wait).
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(500)]).await;
-    let s = setup(spec(&url), config(), None);
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::RetryLater),
-        &Sink::new(&tl),
-    )
-    .await;
+    let (tl, s) = calling(vec![answer(500)]).await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::RetryLater))
+        .await;
     assert!(matches!(
         tl.kinds()[..],
         [Step::Call(1), Step::RetryLater(_)]
@@ -1535,32 +1422,19 @@ async fn a_refused_settlement_is_counted_and_never_turned_into_another() {
     assert_eq!(s.errors("nak"), 1);
 
     // Terminate refused after the dead letter was stored: it stays dead-lettered.
-    let tl = Timeline::new();
-    let url = function(&tl, vec![answer(400)]).await;
-    let s = setup(spec(&url), config(), None);
-    let sink = Sink::new(&tl);
-    s.deliver(
-        Fake::new(&tl).redelivering().failing(Settle::Terminate),
-        &sink,
-    )
-    .await;
-    assert_eq!(
-        tl.kinds(),
-        [Step::Call(1), Step::Publish { ok: true }, Step::Terminate]
-    );
+    let (tl, s) = calling(vec![answer(400)]).await;
+    s.deliver(Fake::new(&tl).redelivering().failing(Settle::Terminate))
+        .await;
+    assert_eq!(tl.kinds(), dead_letter_then(1, true, Step::Terminate));
     assert_eq!(s.outcome("dead_lettered"), 1);
 
     // Release refused on stop: nothing else.
     let tl = Timeline::new();
     let replicas = Arc::new(Replicas::default());
-    let s = setup_replicas(config(), &replicas, None);
-    let sink = Sink::new(&tl);
-    tokio::join!(
-        s.deliver(Fake::new(&tl).failing(Settle::Release), &sink),
-        async {
-            tokio::time::sleep(secs(1)).await;
-            s.engine.stopping().cancel();
-        }
-    );
+    let s = setup_replicas(&tl, config(), &replicas, None);
+    tokio::join!(s.deliver(Fake::new(&tl).failing(Settle::Release)), async {
+        tokio::time::sleep(secs(1)).await;
+        s.engine.stopping().cancel();
+    });
     assert_eq!(tl.steps(), [(secs(1), Step::Release)]);
 }

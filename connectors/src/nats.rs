@@ -43,10 +43,17 @@ pub struct Auth {
     pub token: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_required: bool,
+    pub tls: Tls,
+}
+
+/// TLS to NATS: the CA that verifies the server, a client certificate for
+/// mutual TLS, and whether a connection without TLS is refused.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub required: bool,
 }
 
 /// Settings of the NATS connector.
@@ -140,33 +147,39 @@ async fn connect_once(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client
     if let Some(t) = &a.token {
         opts = opts.token(t.clone());
     }
-    match (&a.user, &a.password) {
-        (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
-        (None, None) => {}
-        _ => {
-            return Err(Error::Config(
-                "--nats-user and --nats-password go together".into(),
-            ));
-        }
+    if let Some((u, p)) = together(&a.user, &a.password, "--nats-user and --nats-password")? {
+        opts = opts.user_and_password(u.clone(), p.clone());
     }
-    if let Some(ca) = &a.tls_ca {
+    if let Some(ca) = &a.tls.ca {
         opts = opts.add_root_certificates(ca.clone());
     }
-    match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => opts = opts.add_client_certificate(c.clone(), k.clone()),
-        (None, None) => {}
-        _ => {
-            return Err(Error::Config(
-                "--nats-tls-cert and --nats-tls-key go together".into(),
-            ));
-        }
+    if let Some((c, k)) = together(
+        &a.tls.cert,
+        &a.tls.key,
+        "--nats-tls-cert and --nats-tls-key",
+    )? {
+        opts = opts.add_client_certificate(c.clone(), k.clone());
     }
-    if a.tls_required {
+    if a.tls.required {
         opts = opts.require_tls(true);
     }
     opts.connect(cfg.url.as_str())
         .await
         .map_err(|e| Error::broker(format!("cannot connect to {}", cfg.url), e))
+}
+
+/// Both settings of a pair (named by `flags`), or neither: one alone is a
+/// configuration mistake.
+fn together<'a, A, B>(
+    a: &'a Option<A>,
+    b: &'a Option<B>,
+    flags: &str,
+) -> Result<Option<(&'a A, &'a B)>, Error> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (None, None) => Ok(None),
+        _ => Err(Error::Config(format!("{flags} go together"))),
+    }
 }
 
 /// Converts NATS headers to HTTP headers (names that are not valid HTTP
@@ -267,6 +280,13 @@ struct JsDelivery {
     progress: Duration,
 }
 
+impl JsDelivery {
+    /// Answers the message with `kind`, unconfirmed.
+    async fn answer(&self, kind: AckKind) -> Result<(), Error> {
+        self.msg.ack_with(kind).await.map_err(Error::ack)
+    }
+}
+
 impl Delivery for JsDelivery {
     fn attempt(&self) -> u32 {
         self.attempt
@@ -284,22 +304,13 @@ impl Delivery for JsDelivery {
         self.msg.ack().await.map_err(Error::ack)
     }
     async fn retry_later(&mut self, delay: Duration) -> Result<(), Error> {
-        self.msg
-            .ack_with(AckKind::Nak(Some(delay)))
-            .await
-            .map_err(Error::ack)
+        self.answer(AckKind::Nak(Some(delay))).await
     }
     async fn in_progress(&mut self) -> Result<(), Error> {
-        self.msg
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(Error::ack)
+        self.answer(AckKind::Progress).await
     }
     async fn release(&mut self) -> Result<(), Error> {
-        self.msg
-            .ack_with(AckKind::Nak(None))
-            .await
-            .map_err(Error::ack)
+        self.answer(AckKind::Nak(None)).await
     }
     async fn terminate(&mut self) -> Result<(), Error> {
         self.msg
@@ -598,10 +609,8 @@ impl Source for NatsSource {
             Err(e) if consumer_missing(e.kind()) => return Ok(0),
             Err(e) => return Err(failed(e.into())),
         }
-        let mut consumer: consumer::PullConsumer = stream
-            .get_consumer(&durable)
-            .await
-            .map_err(|e| failed(e.into()))?;
+        let mut consumer: consumer::PullConsumer =
+            stream.get_consumer(&durable).await.map_err(failed)?;
         let mut moved = 0;
         let give_up = tokio::time::Instant::now() + EXPIRE_WITHIN;
         loop {
@@ -628,12 +637,10 @@ impl Source for NatsSource {
                 .await
                 .map_err(|e| failed(e.into()))?;
             while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(|e| failed(e.into()))?;
+                let msg = msg.map_err(failed)?;
                 let event = js_event(&msg, &self.cfg.stream);
                 engine.expire_one(spec, &event, conn.sink.as_ref()).await?;
-                msg.double_ack_with(AckKind::Term)
-                    .await
-                    .map_err(|e| failed(e.into()))?;
+                msg.double_ack_with(AckKind::Term).await.map_err(failed)?;
                 moved += 1;
             }
         }

@@ -157,67 +157,35 @@ mod tests {
         }
     }
 
+    fn status_after(s: u16, retry_after: Duration) -> Failure {
+        Failure::Status {
+            status: s,
+            retry_after: Some(retry_after),
+        }
+    }
+
+    fn retry_ms(ms: u64) -> Next {
+        Next::Retry(Duration::from_millis(ms))
+    }
+
+    fn dead(reason: &str) -> Next {
+        Next::DeadLetter(reason.into())
+    }
+
     #[test]
     fn table() {
         let max = u64::MAX;
+        // (attempt, max attempts, failure, randomness, next)
         let rows: Vec<(u32, u32, Failure, u64, Next)> = vec![
             // Retryable failures back off with the attempt number.
-            (
-                1,
-                5,
-                status(500),
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
-            (
-                2,
-                5,
-                status(503),
-                max,
-                Next::Retry(Duration::from_millis(200)),
-            ),
-            (
-                3,
-                5,
-                status(502),
-                max,
-                Next::Retry(Duration::from_millis(400)),
-            ),
-            (
-                1,
-                5,
-                status(408),
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
-            (
-                1,
-                5,
-                status(429),
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
-            (
-                1,
-                5,
-                Failure::Timeout,
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
-            (
-                1,
-                5,
-                Failure::Connection,
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
-            (
-                1,
-                5,
-                Failure::HoldTimeout,
-                max,
-                Next::Retry(Duration::from_millis(100)),
-            ),
+            (1, 5, status(500), max, retry_ms(100)),
+            (2, 5, status(503), max, retry_ms(200)),
+            (3, 5, status(502), max, retry_ms(400)),
+            (1, 5, status(408), max, retry_ms(100)),
+            (1, 5, status(429), max, retry_ms(100)),
+            (1, 5, Failure::Timeout, max, retry_ms(100)),
+            (1, 5, Failure::Connection, max, retry_ms(100)),
+            (1, 5, Failure::HoldTimeout, max, retry_ms(100)),
             // Full jitter: zero randomness, zero delay.
             (3, 5, status(500), 0, Next::Retry(Duration::ZERO)),
             // Capped.
@@ -229,41 +197,23 @@ mod tests {
                 Next::Retry(Duration::from_secs(10)),
             ),
             // Other 4xx: dead letter at once, whatever the budget.
-            (
-                1,
-                5,
-                status(400),
-                max,
-                Next::DeadLetter("status 400".into()),
-            ),
-            (
-                1,
-                5,
-                status(404),
-                max,
-                Next::DeadLetter("status 404".into()),
-            ),
-            (
-                1,
-                5,
-                status(422),
-                max,
-                Next::DeadLetter("status 422".into()),
-            ),
+            (1, 5, status(400), max, dead("status 400")),
+            (1, 5, status(404), max, dead("status 404")),
+            (1, 5, status(422), max, dead("status 422")),
             // Budget spent.
             (
                 5,
                 5,
                 status(500),
                 max,
-                Next::DeadLetter("attempts exhausted (5 of 5, last: status 500)".into()),
+                dead("attempts exhausted (5 of 5, last: status 500)"),
             ),
             (
                 1,
                 1,
                 Failure::Timeout,
                 max,
-                Next::DeadLetter("attempts exhausted (1 of 1, last: timeout)".into()),
+                dead("attempts exhausted (1 of 1, last: timeout)"),
             ),
         ];
         for (attempt, max_attempts, failure, random, want) in rows {
@@ -277,10 +227,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_a_floor() {
-        let f = Failure::Status {
-            status: 429,
-            retry_after: Some(Duration::from_secs(1)),
-        };
+        let f = status_after(429, Duration::from_secs(1));
         for random in [0, 1, 12345, u64::MAX] {
             let Next::Retry(d) = next(1, 5, &f, B, random) else {
                 panic!("429 must retry");
@@ -288,10 +235,7 @@ mod tests {
             assert!(d >= Duration::from_secs(1), "{d:?}");
         }
         // A Retry-After beyond the cap is still honoured.
-        let f = Failure::Status {
-            status: 503,
-            retry_after: Some(Duration::from_secs(30)),
-        };
+        let f = status_after(503, Duration::from_secs(30));
         assert_eq!(next(1, 5, &f, B, 0), Next::Retry(Duration::from_secs(30)));
     }
 

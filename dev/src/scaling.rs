@@ -3,11 +3,11 @@
 //! broker source and Prometheus. The scale target is the local
 //! [`Replicas`](crate::replicas::Replicas).
 //!
-//! - The in-memory bus's backlog ([`BusScaler`], input `bus`): events
+//! - The in-memory bus's backlog ([`InProcess::Bus`], input `bus`): events
 //!   waiting and in delivery.
 //! - A broker source's queue, read as the autoscaler reads it; its finished
 //!   count is the engine's ([`EngineFinished`]).
-//! - Calls in flight ([`EngineInflight`], input `inflight`), as the
+//! - Calls in flight ([`InProcess::Inflight`], input `inflight`), as the
 //!   autoscaler's `--worker-inflight`: the engine's deliveries in progress.
 
 use std::sync::Arc;
@@ -39,7 +39,7 @@ pub(crate) fn poller(
             scaler,
             engine: engine.clone(),
         }),
-        None => Box::new(BusScaler {
+        None => Box::new(InProcess::Bus {
             bus,
             engine: engine.clone(),
         }),
@@ -49,7 +49,7 @@ pub(crate) fn poller(
     let scalers: Vec<Box<dyn Scaler<()>>> = vec![
         queue,
         Box::new(PrometheusScaler::new(http, auth, timeout)),
-        Box::new(EngineInflight { engine }),
+        Box::new(InProcess::Inflight { engine }),
     ];
     Poller::new(scalers, metrics, CONCURRENCY)
 }
@@ -75,33 +75,54 @@ fn finished(engine: &Engine, f: &FunctionSpec) -> u64 {
         .sum()
 }
 
-/// The in-memory bus's backlog of a function: events waiting and in
-/// delivery; finished are those the engine finished.
-struct BusScaler {
-    bus: Arc<Bus>,
-    engine: Arc<Engine>,
+/// An input ebb dev reads in its own process.
+enum InProcess {
+    /// The in-memory bus's backlog of a function: events waiting and in
+    /// delivery; finished are those the engine finished.
+    Bus { bus: Arc<Bus>, engine: Arc<Engine> },
+    /// Calls in flight to a function (deliveries in progress, holds
+    /// included).
+    Inflight { engine: Arc<Engine> },
 }
 
-impl Scaler<()> for BusScaler {
+impl Scaler<()> for InProcess {
     fn name(&self) -> &'static str {
-        "bus"
+        match self {
+            Self::Bus { .. } => "bus",
+            Self::Inflight { .. } => "inflight",
+        }
     }
 
     fn role(&self) -> Role {
-        Role::Queue
+        match self {
+            Self::Bus { .. } => Role::Queue,
+            Self::Inflight { .. } => Role::InFlight,
+        }
     }
 
     fn serves(&self, f: &FunctionSpec) -> bool {
-        self.bus.backlog(&f.name).is_some()
+        match self {
+            Self::Bus { bus, .. } => bus.backlog(&f.name).is_some(),
+            Self::Inflight { .. } => true,
+        }
     }
 
     fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a ()) -> ReadFuture<'a> {
         Box::pin(async move {
-            let backlog = self.bus.backlog(&f.name).unwrap_or(0);
-            Ok(Reading {
-                value: backlog as f64,
-                finished: Some(finished(&self.engine, f)),
-                ..Reading::default()
+            Ok(match self {
+                Self::Bus { bus, engine } => Reading {
+                    value: bus.backlog(&f.name).unwrap_or(0) as f64,
+                    finished: Some(finished(engine, f)),
+                    ..Reading::default()
+                },
+                Self::Inflight { engine } => {
+                    let inflight = engine
+                        .metrics()
+                        .inflight
+                        .get_or_create(&FunctionLabels { function: key(f) })
+                        .get();
+                    Reading::value(inflight.max(0) as f64)
+                }
             })
         })
     }
@@ -141,36 +162,5 @@ impl Scaler<()> for EngineFinished {
 
     fn retain(&self, live: &[(&FunctionSpec, Option<&()>)]) {
         self.scaler.retain(live);
-    }
-}
-
-/// Calls in flight to a function (deliveries in progress, holds included).
-struct EngineInflight {
-    engine: Arc<Engine>,
-}
-
-impl Scaler<()> for EngineInflight {
-    fn name(&self) -> &'static str {
-        "inflight"
-    }
-
-    fn role(&self) -> Role {
-        Role::InFlight
-    }
-
-    fn serves(&self, _: &FunctionSpec) -> bool {
-        true
-    }
-
-    fn read<'a>(&'a self, f: &'a FunctionSpec, _: &'a ()) -> ReadFuture<'a> {
-        Box::pin(async move {
-            let inflight = self
-                .engine
-                .metrics()
-                .inflight
-                .get_or_create(&FunctionLabels { function: key(f) })
-                .get();
-            Ok(Reading::value(inflight.max(0) as f64))
-        })
     }
 }

@@ -25,14 +25,28 @@ pub struct FunctionStatus {
     pub backlog: Option<usize>,
     /// Deliveries in progress (calls and holds).
     pub inflight: i64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub last_error: Option<String>,
+    /// The reason of the last scaling decision.
+    pub last_scaling: Option<String>,
+}
+
+/// What became of a function's events since start.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Counts {
     pub delivered: u64,
     pub retried: u64,
     pub dead_lettered: u64,
     /// Given up without a dead-letter topic.
     pub dropped: u64,
-    pub last_error: Option<String>,
-    /// The reason of the last scaling decision.
-    pub last_scaling: Option<String>,
+}
+
+impl Counts {
+    /// Events given up, dead-lettered or dropped.
+    pub fn dead(&self) -> u64 {
+        self.dead_lettered + self.dropped
+    }
 }
 
 /// The whole of `ebb dev`.
@@ -73,10 +87,12 @@ pub(crate) async fn snapshot(dev: &Dev) -> Status {
             pids: dev.replicas.pids(&f.name).await,
             backlog: dev.bus.backlog(&f.name),
             inflight: dev.inflight(&f.name),
-            delivered: dev.counter(&f.name, "delivered"),
-            retried: dev.retries(&f.name),
-            dead_lettered: dev.counter(&f.name, "dead_lettered"),
-            dropped: dev.counter(&f.name, "dropped"),
+            counts: Counts {
+                delivered: dev.counter(&f.name, "delivered"),
+                retried: dev.retries(&f.name),
+                dead_lettered: dev.counter(&f.name, "dead_lettered"),
+                dropped: dev.counter(&f.name, "dropped"),
+            },
             last_error: endpoints.and_then(|e| e.last_error()),
             last_scaling: decision,
         });
@@ -119,9 +135,9 @@ pub fn table(s: &Status) -> String {
             replicas,
             backlog,
             f.inflight,
-            f.delivered,
-            f.retried,
-            f.dead_lettered + f.dropped,
+            f.counts.delivered,
+            f.counts.retried,
+            f.counts.dead(),
             error
         );
     }
@@ -140,9 +156,9 @@ pub fn summary(s: &Status) -> String {
             " {}(replicas={} delivered={} retried={} dead={})",
             f.name,
             f.replicas,
-            f.delivered,
-            f.retried,
-            f.dead_lettered + f.dropped
+            f.counts.delivered,
+            f.counts.retried,
+            f.counts.dead()
         );
     }
     out
@@ -171,10 +187,12 @@ mod tests {
             pids: vec![],
             backlog: Some(7),
             inflight: 3,
-            delivered: 40,
-            retried: 2,
-            dead_lettered: 1,
-            dropped: 0,
+            counts: Counts {
+                delivered: 40,
+                retried: 2,
+                dead_lettered: 1,
+                dropped: 0,
+            },
             last_error: Some("status 500 from the function, which is a long reason".into()),
             last_scaling: None,
         }
@@ -202,6 +220,20 @@ mod tests {
         assert!(lines[2].contains("ext"));
         assert!(lines[2].starts_with("a-very-long-functio…"));
         assert!(lines[3].contains("not reloaded: bad"));
+    }
+
+    #[test]
+    fn the_counts_are_fields_of_the_function_in_json() {
+        let json = serde_json::to_value(f("echo", "local")).unwrap();
+        for (key, want) in [
+            ("delivered", 40),
+            ("retried", 2),
+            ("dead_lettered", 1),
+            ("dropped", 0),
+        ] {
+            assert_eq!(json[key], want, "{key} in {json}");
+        }
+        assert!(json.get("counts").is_none(), "{json}");
     }
 
     #[test]

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 
+mod metrics;
+#[doc(hidden)]
+pub use metrics::help;
+
 /// Resolves on the first SIGTERM or SIGINT.
 ///
 /// Kubernetes sends SIGTERM when it stops a pod; people press Ctrl-C. Both

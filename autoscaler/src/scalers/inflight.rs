@@ -41,7 +41,8 @@ pub const DEFAULT_PORT: u16 = 8080;
 
 /// Why the in-flight count of a function could not be read. The caller
 /// treats every error as "unknown" (hold), never as 0.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum InflightError {
     #[error("cannot read the pod selector of {workload}: {source}")]
     Workload {
@@ -79,17 +80,13 @@ impl InflightError {
     /// A bounded label for `ebb_errors_total{error}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Self::Workload { .. } => "workload",
-            Self::Selector { .. } => "selector",
-            Self::Pods { .. } => "pods",
-            Self::NoPodIp { .. } => "no_pod_ip",
+            // A scrape's own failure tells more than that it failed.
             Self::Scrape { source, .. } => match **source {
                 ScalerError::Timeout(_) => "scrape_timeout",
                 ScalerError::MissingSeries(_) => "missing_series",
                 _ => "scrape",
             },
-            Self::Timeout(_) => "timeout",
-            Self::Client(_) => "client",
+            other => other.into(),
         }
     }
 }

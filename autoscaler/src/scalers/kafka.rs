@@ -26,7 +26,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 /// Why a lag could not be read. The policy treats every error as "unknown"
 /// (hold), never as 0 and never as "scale to max".
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum KafkaScalerError {
     #[error("cannot create a Kafka client for {bootstrap}: {message}")]
     Client { bootstrap: String, message: String },
@@ -35,6 +36,7 @@ pub enum KafkaScalerError {
     #[error("function {function} has no topics: there is no Kafka lag to read")]
     NoTopics { function: String },
     #[error("topic {topic} not found: is it created, and spelled as in the function's `topics`?")]
+    #[strum(serialize = "missing_topic")]
     NoTopic { topic: String },
     #[error("cannot read the metadata of topic {topic}: {message}")]
     Metadata { topic: String, message: String },
@@ -54,17 +56,7 @@ pub enum KafkaScalerError {
 
 impl KafkaScalerError {
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Client { .. } => "client",
-            Self::Unreachable { .. } => "unreachable",
-            Self::NoTopics { .. } => "no_topics",
-            Self::NoTopic { .. } => "missing_topic",
-            Self::Metadata { .. } => "metadata",
-            Self::Coordinator { .. } => "coordinator",
-            Self::Watermarks { .. } => "watermarks",
-            Self::Timeout(_) => "timeout",
-            Self::Task(_) => "task",
-        }
+        self.into()
     }
 }
 

@@ -9,15 +9,18 @@ use ebb_model::FunctionSpec;
 
 /// Why a backlog could not be read. The policy treats every error as
 /// "unknown" (hold), never as 0.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum NatsScalerError {
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
     #[error("stream {stream} not found: is a NATS connector routing this function's topics?")]
+    #[strum(serialize = "missing_stream")]
     NoStream { stream: String },
     #[error(
         "consumer {consumer} not found on stream {stream}: the NATS connector creates it when it routes the function"
     )]
+    #[strum(serialize = "missing_consumer")]
     NoConsumer { stream: String, consumer: String },
     #[error("NATS did not answer within {0:?}")]
     Timeout(Duration),
@@ -27,13 +30,7 @@ pub enum NatsScalerError {
 
 impl NatsScalerError {
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Connect { .. } => "connect",
-            Self::NoStream { .. } => "missing_stream",
-            Self::NoConsumer { .. } => "missing_consumer",
-            Self::Timeout(_) => "timeout",
-            Self::Request(_) => "request",
-        }
+        self.into()
     }
 }
 

@@ -564,7 +564,8 @@ async fn read_secret(path: &Path) -> Result<String, ScalerError> {
 
 /// Why a Prometheus value could not be read. The caller treats every error as
 /// "unknown" (hold the current count), never as 0.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum ScalerError {
     /// The URL does not parse or is not http(s).
     #[error("invalid URL {url:?}: {reason}")]
@@ -608,6 +609,7 @@ pub enum ScalerError {
     EmptyResult { query: String },
     /// Prometheus answered `"status":"error"`.
     #[error("Prometheus query failed ({error_type}): {message}")]
+    #[strum(serialize = "query_error")]
     Query { error_type: String, message: String },
     /// The query returned a matrix or a string.
     #[error("query result type {0:?} is not a vector or a scalar")]
@@ -620,23 +622,7 @@ pub enum ScalerError {
 impl ScalerError {
     /// A bounded label for `ebb_errors_total{error}`.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Url { .. } => "url",
-            Self::Credentials { .. } => "credentials",
-            Self::Tls { .. } => "tls",
-            Self::Timeout(_) => "timeout",
-            Self::Connect(_) => "connect",
-            Self::Http(_) => "http",
-            Self::HttpStatus { .. } => "http_status",
-            Self::BodyTooLarge { .. } => "body_too_large",
-            Self::Parse(_) => "parse",
-            Self::Decode(_) => "decode",
-            Self::MissingSeries(_) => "missing_series",
-            Self::EmptyResult { .. } => "empty_result",
-            Self::Query { .. } => "query_error",
-            Self::UnsupportedResult(_) => "unsupported_result",
-            Self::NotFinite(_) => "not_finite",
-        }
+        self.into()
     }
 }
 
@@ -1268,30 +1254,38 @@ lag_count 2
         .await
     }
 
+    /// Scrapes `path` of a server that answers [`METRICS`] at `/metrics`.
+    async fn scrape_metrics(path: &str, sel: &MetricSelector) -> Result<f64, ScalerError> {
+        let router = Router::new().route("/metrics", get(|| async { METRICS }));
+        scrape_with(router, path, sel).await
+    }
+
+    /// A server that answers `body` at `path`, after 30 s.
+    fn slow(path: &str, body: &'static str) -> Router {
+        let answer = async move || {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            body
+        };
+        Router::new().route(path, get(answer))
+    }
+
     #[tokio::test]
     async fn prometheus_scrape_ok() {
-        let router = Router::new().route("/metrics", get(|| async { METRICS }));
-        let value = scrape_with(router, "/metrics", &selector("pending", &[("queue", "q")]))
-            .await
-            .unwrap();
-        assert_eq!(value, 11.0);
+        let sel = selector("pending", &[("queue", "q")]);
+        assert_eq!(scrape_metrics("/metrics", &sel).await.unwrap(), 11.0);
     }
 
     #[tokio::test]
     async fn prometheus_scrape_missing_series() {
-        let router = Router::new().route("/metrics", get(|| async { METRICS }));
-        let error = scrape_with(router, "/metrics", &selector("pending", &[("queue", "z")]))
-            .await
-            .unwrap_err();
+        let sel = selector("pending", &[("queue", "z")]);
+        let error = scrape_metrics("/metrics", &sel).await.unwrap_err();
         assert_eq!(error.metric_label(), "missing_series", "{error}");
     }
 
     #[tokio::test]
     async fn prometheus_scrape_not_found() {
-        let router = Router::new().route("/metrics", get(|| async { METRICS }));
-        let error = scrape_with(router, "/nope", &selector("pending", &[]))
-            .await
-            .unwrap_err();
+        let sel = selector("pending", &[]);
+        let error = scrape_metrics("/nope", &sel).await.unwrap_err();
         assert!(
             matches!(error, ScalerError::HttpStatus { status: 404, .. }),
             "{error}"
@@ -1311,14 +1305,7 @@ lag_count 2
 
     #[tokio::test]
     async fn prometheus_scrape_timeout() {
-        let router = Router::new().route(
-            "/metrics",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                METRICS
-            }),
-        );
-        let base = serve(router).await;
+        let base = serve(slow("/metrics", METRICS)).await;
         let error = scrape(
             &client(),
             &HttpAuth::default(),
@@ -1390,55 +1377,38 @@ lag_count 2
         let base = serve(router).await;
         let url = format!("{base}/metrics");
         let sel = selector("pending", &[]);
+        let read = async |auth: &HttpAuth| scrape(&client(), auth, &url, &sel, TIMEOUT).await;
         let bearer = HttpAuth {
             bearer_token_file: Some(token.clone()),
             ..HttpAuth::default()
         };
-        assert_eq!(
-            scrape(&client(), &bearer, &url, &sel, TIMEOUT)
-                .await
-                .unwrap(),
-            11.0
-        );
+        assert_eq!(read(&bearer).await.unwrap(), 11.0);
         let basic = HttpAuth {
             basic_auth: Some(("user".into(), password.clone())),
             ..HttpAuth::default()
         };
-        assert_eq!(
-            scrape(&client(), &basic, &url, &sel, TIMEOUT)
-                .await
-                .unwrap(),
-            11.0
-        );
+        assert_eq!(read(&basic).await.unwrap(), 11.0);
         // The token is re-read on every request.
         std::fs::write(&token, "rotated").unwrap();
-        let error = scrape(&client(), &bearer, &url, &sel, TIMEOUT)
-            .await
-            .unwrap_err();
+        let error = read(&bearer).await.unwrap_err();
         assert!(
             matches!(error, ScalerError::HttpStatus { status: 401, .. }),
             "{error}"
         );
-        let none = scrape(&client(), &HttpAuth::default(), &url, &sel, TIMEOUT)
-            .await
-            .unwrap_err();
+        let none = read(&HttpAuth::default()).await.unwrap_err();
         assert_eq!(none.metric_label(), "http_status");
         let missing = HttpAuth {
             bearer_token_file: Some(dir.path().join("absent")),
             ..HttpAuth::default()
         };
-        let error = scrape(&client(), &missing, &url, &sel, TIMEOUT)
-            .await
-            .unwrap_err();
+        let error = read(&missing).await.unwrap_err();
         assert_eq!(error.metric_label(), "credentials", "{error}");
         let both = HttpAuth {
             bearer_token_file: Some(token),
             basic_auth: Some(("user".into(), password)),
             ca_file: None,
         };
-        let error = scrape(&client(), &both, &url, &sel, TIMEOUT)
-            .await
-            .unwrap_err();
+        let error = read(&both).await.unwrap_err();
         assert_eq!(error.metric_label(), "credentials", "{error}");
     }
 
@@ -1531,14 +1501,7 @@ lag_count 2
 
     #[tokio::test]
     async fn prometheus_query_timeout() {
-        let router = Router::new().route(
-            "/api/v1/query",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                "{}"
-            }),
-        );
-        let server = serve(router).await;
+        let server = serve(slow("/api/v1/query", "{}")).await;
         let error = query(
             &client(),
             &HttpAuth::default(),
