@@ -80,6 +80,13 @@ impl ScaleSpec {
     }
 }
 
+/// A function's default scaling settings.
+impl Default for ScaleSpec {
+    fn default() -> Self {
+        Self::from_function(&ebb_model::FunctionSpec::new("", ""))
+    }
+}
+
 /// One scaling input as read this poll.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Input {
@@ -857,15 +864,9 @@ mod tests {
 
     fn spec() -> ScaleSpec {
         ScaleSpec {
-            min: 0,
             max: 8,
             target: 20.0,
-            activation: 0.0,
-            scale_to_zero_after: Duration::from_secs(60),
-            scale_down_window: Duration::from_secs(60),
-            paused: false,
-            fallback: None,
-            in_flight_unseen: None,
+            ..ScaleSpec::default()
         }
     }
 

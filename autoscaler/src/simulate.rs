@@ -135,15 +135,9 @@ impl Ebb {
     pub fn new(cfg: &SimConfig) -> Self {
         Self {
             spec: ScaleSpec {
-                min: 0,
                 max: cfg.max,
                 target: cfg.target,
-                activation: 0.0,
-                scale_to_zero_after: Duration::from_secs(60),
-                scale_down_window: Duration::from_secs(60),
-                paused: false,
-                fallback: None,
-                in_flight_unseen: None,
+                ..ScaleSpec::default()
             },
             state: PolicyState::default(),
             base: Instant::now(),

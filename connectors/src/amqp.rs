@@ -1002,7 +1002,16 @@ async fn consume(
                 break;
             }
         };
-        let Some(any) = c.process_slot().await else {
+        // A slot of the process, then the message's bytes; once stopped, it
+        // goes back to the queue.
+        let admitted = match c.process_slot().await {
+            Some(any) => {
+                let mut slots = Slots::new(own, any);
+                c.admit(&mut slots, msg.data.len()).await.then_some(slots)
+            }
+            None => None,
+        };
+        let Some(slots) = admitted else {
             let _ = msg
                 .acker
                 .nack(BasicNackOptions {
@@ -1012,17 +1021,6 @@ async fn consume(
                 .await;
             break;
         };
-        let mut slots = Slots::new(own, any);
-        if !c.admit(&mut slots, msg.data.len()).await {
-            let _ = msg
-                .acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
-            break;
-        }
         let event = amqp_event(&msg, queue);
         let delivery = AmqpDelivery {
             attempt: attempt_of(&msg),
