@@ -221,44 +221,6 @@ impl Connector {
     }
 }
 
-/// Closes the connector's connection from the broker's side, as a node
-/// restart or an operator would.
-async fn close_connector_connection(env: &Env) {
-    let rabbit = RabbitMq::shared().await;
-    let path = format!("/api/vhosts/{}/connections", env.vhost.name());
-    let deadline = Instant::now() + DELIVERY;
-    let name = loop {
-        let list = rabbit
-            .management(hyper::Method::GET, &path, None)
-            .await
-            .json();
-        let found = list.as_array().and_then(|cs| {
-            cs.iter().find_map(|c| {
-                (c["client_properties"]["connection_name"] == "ebb-connector-amqp")
-                    .then(|| c["name"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        });
-        if let Some(name) = found {
-            break name;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no connection of the connector in {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let encoded = percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC);
-    let closed = rabbit
-        .management(
-            hyper::Method::DELETE,
-            &format!("/api/connections/{encoded}"),
-            None,
-        )
-        .await;
-    assert!(closed.status.is_success(), "close: {}", closed.status);
-}
-
 /// A text header of an AMQP message.
 fn amqp_header(props: &BasicProperties, name: &str) -> Option<String> {
     let table = props.headers().as_ref()?;
@@ -777,7 +739,7 @@ async fn the_connector_reconnects_after_the_broker_closes_its_connection() {
     let _connector = env.connector(&[]).await;
     env.publish("jobs", "before", b"1").await;
     f.wait_for_calls(1, DELIVERY).await;
-    close_connector_connection(&env).await;
+    env.vhost.close_connections("ebb-connector-amqp").await;
 
     // Published while it reconnects: the queue keeps it.
     env.publish("jobs", "after", b"2").await;
@@ -809,7 +771,7 @@ async fn a_closed_connection_frees_its_deliveries_at_once_and_the_message_comes_
     f.wait_until(DELIVERY, "the slow call", |s| s.inflight() == 1)
         .await;
 
-    close_connector_connection(&env).await;
+    env.vhost.close_connections("ebb-connector-amqp").await;
     let closed = Instant::now();
     // Its delivery ended with the channel (its call cut, its slot freed, no
     // outcome sent to a closed channel), not when the call would answer.

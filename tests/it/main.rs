@@ -48,6 +48,7 @@ mod nats_connector;
 mod nats_core;
 mod nats_kubernetes;
 mod retention;
+mod soak;
 mod worker;
 
 /// A new integration test is a module here: a file directly under `tests/`

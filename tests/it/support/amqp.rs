@@ -214,6 +214,46 @@ impl Vhost {
         }
     }
 
+    /// Closes, from the broker's side, every connection of this vhost named
+    /// `connection_name` (as a node restart or an operator would); waits
+    /// until the management API lists one (it does a few seconds after it
+    /// opened).
+    pub async fn close_connections(&self, connection_name: &str) {
+        let rabbit = RabbitMq::shared().await;
+        let path = format!("/api/vhosts/{}/connections", self.name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let names = loop {
+            let list = rabbit.management(Method::GET, &path, None).await.json();
+            let names: Vec<String> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["client_properties"]["connection_name"] == connection_name)
+                .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                .collect();
+            if !names.is_empty() {
+                break names;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no connection named {connection_name} in {list}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        for name in names {
+            let encoded =
+                percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC);
+            let closed = rabbit
+                .management(Method::DELETE, &format!("/api/connections/{encoded}"), None)
+                .await;
+            assert!(
+                closed.status.is_success(),
+                "close {name}: {}",
+                closed.status
+            );
+        }
+    }
+
     /// `messages` (ready + unacknowledged) of a queue per the management API,
     /// `None` while the queue or its first statistics are missing.
     pub async fn queue_messages(&self, queue: &str) -> Option<u64> {
