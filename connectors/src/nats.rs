@@ -569,7 +569,7 @@ impl Source for NatsSource {
         let mut consumer: consumer::PullConsumer = stream
             .get_consumer(&durable)
             .await
-            .map_err(|e| failed(e.into()))?;
+            .map_err(&failed)?;
         let mut moved = 0;
         let give_up = tokio::time::Instant::now() + EXPIRE_WITHIN;
         loop {
@@ -596,12 +596,12 @@ impl Source for NatsSource {
                 .await
                 .map_err(|e| failed(e.into()))?;
             while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(|e| failed(e.into()))?;
+                let msg = msg.map_err(&failed)?;
                 let event = js_event(&msg, &self.cfg.stream);
                 engine.expire_one(spec, &event, conn.sink.as_ref()).await?;
                 msg.double_ack_with(AckKind::Term)
                     .await
-                    .map_err(|e| failed(e.into()))?;
+                    .map_err(&failed)?;
                 moved += 1;
             }
         }
