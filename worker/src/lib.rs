@@ -6,6 +6,14 @@
 //! a body size limit and a graceful drain on SIGTERM. The handler is either a
 //! process per request ([`Mode::Fork`]) or one long-lived HTTP server that the
 //! worker starts and proxies to ([`Mode::Http`]).
+//!
+//! `--max-body` bounds the handler's answer too: larger answers get 502 with
+//! `ebb-worker: output-too-large` (a fork-mode handler is killed). The status
+//! is sent once the answer is known to fit (it ended, or an http-mode upstream
+//! declared a `Content-Length` that fits and is relayed as it arrives); until
+//! then the answer waits in a spool of 64 KiB in memory plus an unlinked
+//! temporary file, so memory stays bounded whatever the handler writes
+//! (`output.rs` has the rule).
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
