@@ -566,10 +566,8 @@ impl Source for NatsSource {
             Err(e) if consumer_missing(e.kind()) => return Ok(0),
             Err(e) => return Err(failed(e.into())),
         }
-        let mut consumer: consumer::PullConsumer = stream
-            .get_consumer(&durable)
-            .await
-            .map_err(&failed)?;
+        let mut consumer: consumer::PullConsumer =
+            stream.get_consumer(&durable).await.map_err(&failed)?;
         let mut moved = 0;
         let give_up = tokio::time::Instant::now() + EXPIRE_WITHIN;
         loop {
@@ -599,9 +597,7 @@ impl Source for NatsSource {
                 let msg = msg.map_err(&failed)?;
                 let event = js_event(&msg, &self.cfg.stream);
                 engine.expire_one(spec, &event, conn.sink.as_ref()).await?;
-                msg.double_ack_with(AckKind::Term)
-                    .await
-                    .map_err(&failed)?;
+                msg.double_ack_with(AckKind::Term).await.map_err(&failed)?;
                 moved += 1;
             }
         }

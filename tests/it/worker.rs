@@ -675,11 +675,13 @@ async fn fork_mode_output_up_to_max_body_is_200_with_exact_bytes() {
     assert_too_large(resp, MAX).await;
 }
 
-/// An upstream that answers `POST /{chunked|sized}/{n}` with `n` bytes of
-/// [`pattern`], produced as they are sent; `sized` declares Content-Length.
+/// An upstream that answers `POST /{chunked|sized|stall}/{n}` with `n` bytes
+/// of [`pattern`], produced as they are sent; `sized` and `stall` declare
+/// Content-Length, and `stall` stops sending after 128 KiB.
 async fn pattern_upstream() -> u16 {
     use axum::extract::Path as UrlPath;
     use axum::response::Response;
+    use futures::StreamExt;
 
     async fn answer(UrlPath((kind, n)): UrlPath<(String, usize)>) -> Response {
         const CHUNK: usize = 64 * 1024;
@@ -689,8 +691,14 @@ async fn pattern_upstream() -> u16 {
                 CHUNK.min(n - start),
             )))
         }));
+        // `stall`: two chunks, then nothing, never ending.
+        let chunks = if kind == "stall" {
+            chunks.take(2).chain(futures::stream::pending()).boxed()
+        } else {
+            chunks.boxed()
+        };
         let mut resp = Response::new(axum::body::Body::from_stream(chunks));
-        if kind == "sized" {
+        if kind != "chunked" {
             resp.headers_mut()
                 .insert("content-length", n.to_string().parse().unwrap());
         }
@@ -753,5 +761,26 @@ async fn http_mode_answer_over_max_body_is_502_and_memory_stays_bounded() {
          and two 6 MiB answers passed (--max-body 6MiB); {before:.1} MiB before"
     );
     assert_bounded(before, peak);
+    w.wait_metric("ebb_worker_inflight", 0.0).await;
+}
+
+#[tokio::test]
+async fn http_mode_relayed_answer_breaks_off_at_the_timeout_and_frees_its_slot() {
+    let port = pattern_upstream().await;
+    let upstream = format!("http://127.0.0.1:{port}");
+    let w = Worker::start(&["--mode", "http", "--upstream", &upstream, "--timeout", "1s"]).await;
+    w.wait_status("/_/ready", 200, Duration::from_secs(10))
+        .await;
+    // The declared length fits, so the status goes out before the answer
+    // ended; the upstream then stalls and the call's --timeout ends the body.
+    let resp = timeout(Duration::from_secs(30), post(&w.url("/stall/1048576"), ""))
+        .await
+        .expect("no answer head")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = timeout(Duration::from_secs(30), resp.bytes())
+        .await
+        .expect("a stalled relayed answer hung past the call's timeout");
+    assert!(body.is_err(), "a cut answer must not look complete");
     w.wait_metric("ebb_worker_inflight", 0.0).await;
 }
