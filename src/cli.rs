@@ -76,7 +76,7 @@ struct WorkerArgs {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "EBB_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Largest request body (413 above it), e.g. 1048576 or 6MiB.
+    /// Largest request body (413 above it) and answer (502 above it), e.g. 1048576 or 6MiB.
     #[arg(long, env = "EBB_MAX_BODY", default_value = "6MiB", value_parser = parse_bytes)]
     max_body: u64,
     /// How long the http-mode handler may take to accept connections.

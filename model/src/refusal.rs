@@ -16,3 +16,8 @@ pub const DRAINING: &str = "draining";
 
 /// `413`: the request body is larger than the worker's `--max-body`.
 pub const TOO_LARGE: &str = "too-large";
+
+/// `502`: the handler's answer is larger than the worker's `--max-body`; it
+/// was not sent (in fork mode the handler was killed). An ordinary failed
+/// attempt, not backpressure.
+pub const OUTPUT_TOO_LARGE: &str = "output-too-large";

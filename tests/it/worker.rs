@@ -550,3 +550,237 @@ async fn bad_flags_exit_2_naming_the_flag() {
         );
     }
 }
+
+/// The default `--max-body` (6MiB).
+const DEFAULT_MAX_BODY: usize = 6 * 1024 * 1024;
+/// What the acceptance's greedy handler writes.
+const TWENTY_MIB: usize = 20 * 1024 * 1024;
+
+/// `len` bytes of a pattern that shows reordered or lost chunks, from `start`.
+fn pattern(start: usize, len: usize) -> Vec<u8> {
+    (start..start + len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The worker's peak resident memory so far, in MiB.
+fn peak_rss_mib(w: &Worker) -> f64 {
+    crate::support::proc_stat::status_mib(w.child.id().expect("worker running"), "VmHWM")
+}
+
+/// Gone means reaped: not even a zombie is left in /proc.
+async fn wait_reaped(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "handler {pid} was not killed and reaped"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Under 40 MiB (the acceptance), and grown by less than one 6MiB answer, so
+/// no answer was held in memory whole.
+fn assert_bounded(before: f64, peak: f64) {
+    assert!(peak < 40.0, "worker peak RSS {peak:.1} MiB");
+    assert!(
+        peak - before < 6.0,
+        "worker peak RSS grew by {:.1} MiB (from {before:.1} MiB)",
+        peak - before
+    );
+}
+
+async fn assert_too_large(resp: reqwest::Response, max: usize) {
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["ebb-worker"], "output-too-large");
+    let text = resp.text().await.unwrap();
+    assert!(text.contains(&format!("--max-body {max} bytes")), "{text}");
+}
+
+#[tokio::test]
+async fn fork_mode_output_over_max_body_is_502_kills_the_handler_and_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "echo $$ > '{}'; exec head -c {TWENTY_MIB} /dev/zero",
+        pidfile.display()
+    );
+    let w = Worker::start(&["--", "sh", "-c", &script]).await;
+    let before = peak_rss_mib(&w);
+    for _ in 0..2 {
+        let resp = timeout(Duration::from_secs(60), post(&w.url("/"), ""))
+            .await
+            .expect("no answer to a greedy handler")
+            .unwrap();
+        assert_too_large(resp, DEFAULT_MAX_BODY).await;
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_reaped(pid).await;
+    }
+    let peak = peak_rss_mib(&w);
+    println!(
+        "fork mode: worker peak RSS (VmHWM) {peak:.1} MiB after two handlers wrote 20 MiB each \
+         (--max-body 6MiB); {before:.1} MiB before"
+    );
+    assert_bounded(before, peak);
+    assert_eq!(
+        w.metric("ebb_worker_requests_total{status=\"502\"}").await,
+        Some(2.0)
+    );
+    w.wait_metric("ebb_worker_inflight", 0.0).await;
+    // The worker goes on serving.
+    let resp = post(&w.url("/"), "").await.unwrap();
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test]
+async fn fork_mode_output_up_to_max_body_is_200_with_exact_bytes() {
+    const MAX: usize = 1024 * 1024;
+    // `cat` answers with the request body (itself at most --max-body); with
+    // `X-Extra` set, one byte more.
+    let w = Worker::start(&[
+        "--max-body",
+        &MAX.to_string(),
+        "--",
+        "sh",
+        "-c",
+        r#"cat; if [ -n "$Http_X_Extra" ]; then printf x; fi"#,
+    ])
+    .await;
+    let input = pattern(0, MAX);
+    let resp = reqwest::Client::new()
+        .post(w.url("/"))
+        .body(input.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    assert_eq!(resp.headers()["content-length"], MAX.to_string().as_str());
+    let got = resp.bytes().await.unwrap();
+    assert!(
+        got[..] == input[..],
+        "answer differs from the handler's output"
+    );
+
+    let resp = reqwest::Client::new()
+        .post(w.url("/"))
+        .header("X-Extra", "1")
+        .body(input)
+        .send()
+        .await
+        .unwrap();
+    assert_too_large(resp, MAX).await;
+}
+
+/// An upstream that answers `POST /{chunked|sized|stall}/{n}` with `n` bytes
+/// of [`pattern`], produced as they are sent; `sized` and `stall` declare
+/// Content-Length, and `stall` stops sending after 128 KiB.
+async fn pattern_upstream() -> u16 {
+    use axum::extract::Path as UrlPath;
+    use axum::response::Response;
+    use futures::StreamExt;
+
+    async fn answer(UrlPath((kind, n)): UrlPath<(String, usize)>) -> Response {
+        const CHUNK: usize = 64 * 1024;
+        let chunks = futures::stream::iter((0..n).step_by(CHUNK).map(move |start| {
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(pattern(
+                start,
+                CHUNK.min(n - start),
+            )))
+        }));
+        // `stall`: two chunks, then nothing, never ending.
+        let chunks = if kind == "stall" {
+            chunks.take(2).chain(futures::stream::pending()).boxed()
+        } else {
+            chunks.boxed()
+        };
+        let mut resp = Response::new(axum::body::Body::from_stream(chunks));
+        if kind != "chunked" {
+            resp.headers_mut()
+                .insert("content-length", n.to_string().parse().unwrap());
+        }
+        resp
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route("/{kind}/{n}", axum::routing::any(answer));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+#[tokio::test]
+async fn http_mode_answer_over_max_body_is_502_and_memory_stays_bounded() {
+    let port = pattern_upstream().await;
+    let upstream = format!("http://127.0.0.1:{port}");
+    let w = Worker::start(&["--mode", "http", "--upstream", &upstream]).await;
+    w.wait_status("/_/ready", 200, Duration::from_secs(10))
+        .await;
+    let before = peak_rss_mib(&w);
+    let call = |path: String| {
+        let url = w.url(&path);
+        async move {
+            timeout(Duration::from_secs(60), post(&url, ""))
+                .await
+                .unwrap_or_else(|_| panic!("no answer to POST {path}"))
+                .unwrap()
+        }
+    };
+
+    // Without a length the answer is held until it ends: past 6MiB it is 502.
+    assert_too_large(
+        call(format!("/chunked/{TWENTY_MIB}")).await,
+        DEFAULT_MAX_BODY,
+    )
+    .await;
+    // A declared length over the limit is 502 without reading it all.
+    assert_too_large(call(format!("/sized/{TWENTY_MIB}")).await, DEFAULT_MAX_BODY).await;
+
+    // Up to the limit, both pass whole: a declared length is relayed as it
+    // arrives, an unknown one is answered with its length once it ended.
+    for kind in ["sized", "chunked"] {
+        let resp = call(format!("/{kind}/{DEFAULT_MAX_BODY}")).await;
+        assert_eq!(resp.status(), 200, "{kind}");
+        assert_eq!(
+            resp.headers()["content-length"],
+            DEFAULT_MAX_BODY.to_string().as_str(),
+            "{kind}"
+        );
+        let got = resp.bytes().await.unwrap();
+        assert!(
+            got[..] == pattern(0, DEFAULT_MAX_BODY)[..],
+            "{kind}: answer differs from the upstream's"
+        );
+    }
+    let peak = peak_rss_mib(&w);
+    println!(
+        "http mode: worker peak RSS (VmHWM) {peak:.1} MiB after two 20 MiB answers refused \
+         and two 6 MiB answers passed (--max-body 6MiB); {before:.1} MiB before"
+    );
+    assert_bounded(before, peak);
+    w.wait_metric("ebb_worker_inflight", 0.0).await;
+}
+
+#[tokio::test]
+async fn http_mode_relayed_answer_breaks_off_at_the_timeout_and_frees_its_slot() {
+    let port = pattern_upstream().await;
+    let upstream = format!("http://127.0.0.1:{port}");
+    let w = Worker::start(&["--mode", "http", "--upstream", &upstream, "--timeout", "1s"]).await;
+    w.wait_status("/_/ready", 200, Duration::from_secs(10))
+        .await;
+    // The declared length fits, so the status goes out before the answer
+    // ended; the upstream then stalls and the call's --timeout ends the body.
+    let resp = timeout(Duration::from_secs(30), post(&w.url("/stall/1048576"), ""))
+        .await
+        .expect("no answer head")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = timeout(Duration::from_secs(30), resp.bytes())
+        .await
+        .expect("a stalled relayed answer hung past the call's timeout");
+    assert!(body.is_err(), "a cut answer must not look complete");
+    w.wait_metric("ebb_worker_inflight", 0.0).await;
+}

@@ -8,8 +8,10 @@ use http::{HeaderValue, StatusCode, header};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{ChildStderr, ChildStdout, Command};
 
+use crate::Error;
+use crate::output::{self, CHUNK, Spool};
 use crate::server::{Call, body, text};
 
 /// How much of a failing handler's stderr goes into the 500 response.
@@ -19,6 +21,8 @@ const STDERR_IN_LOG: usize = 4096;
 
 pub struct ForkRunner {
     command: Vec<String>,
+    /// `--max-body`: more output than this is a 502 and the handler is killed.
+    max_output: usize,
 }
 
 /// Kills the handler's whole process group unless disarmed: a call that is
@@ -43,8 +47,11 @@ impl Drop for GroupGuard {
 }
 
 impl ForkRunner {
-    pub fn new(command: Vec<String>) -> Self {
-        Self { command }
+    pub fn new(command: Vec<String>, max_output: usize) -> Self {
+        Self {
+            command,
+            max_output,
+        }
     }
 
     pub async fn call(&self, call: Call, timeout: Duration) -> Response {
@@ -88,6 +95,8 @@ impl ForkRunner {
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let input = call.body;
+        let pgid = group.pgid;
+        let max = self.max_output;
         let io = async {
             let write = async {
                 if let Some(mut s) = stdin.take() {
@@ -98,18 +107,26 @@ impl ForkRunner {
                 }
             };
             let read_out = async {
-                let mut buf = Vec::new();
-                if let Some(s) = stdout.as_mut() {
-                    let _ = s.read_to_end(&mut buf).await;
+                let mut spool = Spool::new(max);
+                let read = match stdout.as_mut() {
+                    Some(s) => read_into(s, &mut spool).await,
+                    None => Ok(()),
+                };
+                if read.is_err() {
+                    // Nobody reads its stdout any more: stop it now rather
+                    // than let it block on a full pipe until the timeout.
+                    if let Some(pgid) = pgid {
+                        let _ = killpg(pgid, Signal::SIGKILL);
+                    }
                 }
-                buf
+                read.map(|()| spool)
             };
             let read_err = async {
-                let mut buf = Vec::new();
+                let mut kept = Vec::new();
                 if let Some(s) = stderr.as_mut() {
-                    let _ = s.read_to_end(&mut buf).await;
+                    read_bounded(s, &mut kept, STDERR_IN_LOG).await;
                 }
-                buf
+                kept
             };
             let ((), out, err, status) = tokio::join!(write, read_out, read_err, child.wait());
             (out, err, status)
@@ -138,6 +155,17 @@ impl ForkRunner {
                 );
             }
         };
+        let spool = match out {
+            Ok(spool) => spool,
+            Err(e @ Error::OutputTooLarge { .. }) => {
+                tracing::warn!(command = %program, error = %e, "handler wrote too much; killed its process group");
+                return output::too_large(max);
+            }
+            Err(e) => {
+                tracing::warn!(command = %program, error = %e, "cannot read the handler's output; killed its process group");
+                return text(StatusCode::BAD_GATEWAY, format!("{e}\n"));
+            }
+        };
         if !err.is_empty() {
             let shown = String::from_utf8_lossy(&err[..err.len().min(STDERR_IN_LOG)]);
             if status.success() {
@@ -159,7 +187,18 @@ impl ForkRunner {
             );
             return resp;
         }
-        let mut resp = Response::new(body(out));
+        let (out, declare) = match spool.into_body().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(command = %program, error = %e, "cannot read back the handler's output");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+            }
+        };
+        let mut resp = Response::new(out);
+        if let Some(len) = declare {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
         // Like the OpenFaaS watchdog: the answer has the request's content type.
         let ct = call
             .parts
@@ -169,5 +208,32 @@ impl ForkRunner {
             .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
         resp
+    }
+}
+
+/// Reads a handler's stdout to its end into `spool`, chunk by chunk; stops at
+/// the first chunk that would take it past `--max-body`.
+async fn read_into(out: &mut ChildStdout, spool: &mut Spool) -> Result<(), Error> {
+    let mut buf = vec![0; CHUNK];
+    loop {
+        match out.read(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => spool.push(&buf[..n]).await?,
+            Err(e) => return Err(Error::AnswerCut(format!("cannot read its stdout: {e}"))),
+        }
+    }
+}
+
+/// Reads `from` to its end, keeping its first `keep` bytes in `kept`.
+async fn read_bounded(from: &mut ChildStderr, kept: &mut Vec<u8>, keep: usize) {
+    let mut buf = vec![0; 4096];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let room = keep.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
     }
 }

@@ -6,12 +6,21 @@
 //! a body size limit and a graceful drain on SIGTERM. The handler is either a
 //! process per request ([`Mode::Fork`]) or one long-lived HTTP server that the
 //! worker starts and proxies to ([`Mode::Http`]).
+//!
+//! `--max-body` bounds the handler's answer too: larger answers get 502 with
+//! `ebb-worker: output-too-large` (a fork-mode handler is killed). The status
+//! is sent once the answer is known to fit (it ended, or an http-mode upstream
+//! declared a `Content-Length` that fits and is relayed as it arrives); until
+//! then the answer waits in a spool of 64 KiB in memory plus an unlinked
+//! temporary file, so memory stays bounded whatever the handler writes
+//! (`output.rs` has the rule).
 #![forbid(unsafe_code)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod env;
 mod fork;
 mod metrics;
+mod output;
 mod proxy;
 mod server;
 
@@ -47,7 +56,8 @@ pub struct Config {
     pub timeout: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub drain_timeout: Duration,
-    /// Largest request body accepted; larger ones get 413.
+    /// Largest request body accepted (larger ones get 413), and largest answer
+    /// passed on (larger ones get 502 `ebb-worker: output-too-large`).
     pub max_body: usize,
     /// How long the http-mode handler may take to accept connections.
     pub startup_timeout: Duration,
@@ -118,6 +128,12 @@ pub enum Error {
     HandlerExited { status: String },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error("the handler's answer is larger than --max-body {max} bytes")]
+    OutputTooLarge { max: usize },
+    #[error("cannot hold the handler's answer: {0}")]
+    Spool(std::io::Error),
+    #[error("the handler's answer was cut off: {0}")]
+    AnswerCut(String),
 }
 
 impl Error {
@@ -130,6 +146,9 @@ impl Error {
             Self::StartupTimeout { .. } => "startup_timeout",
             Self::HandlerExited { .. } => "handler_exited",
             Self::Serve(_) => "serve",
+            Self::OutputTooLarge { .. } => "output_too_large",
+            Self::Spool(_) => "spool",
+            Self::AnswerCut(_) => "answer_cut",
         }
     }
 
@@ -165,7 +184,10 @@ pub async fn run_on(
 
     let (runner, handler) = match config.mode {
         Mode::Fork => (
-            server::Runner::Fork(fork::ForkRunner::new(config.command.clone())),
+            server::Runner::Fork(fork::ForkRunner::new(
+                config.command.clone(),
+                config.max_body,
+            )),
             None,
         ),
         Mode::Http => {

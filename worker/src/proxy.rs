@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Uri, header};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -18,6 +19,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::output::{self, Limits, PREFIX, Spool};
 use crate::server::{Call, State, text};
 use crate::{Config, Error};
 
@@ -36,6 +38,14 @@ const HOP_BY_HOP: [&str; 8] = [
 pub struct Proxy {
     upstream: Uri,
     client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// How an answer with a status already decided by the upstream goes on.
+enum Rest {
+    /// It ended within the prefix.
+    Ended(Bytes),
+    /// More follows.
+    Open(Bytes, Incoming),
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -81,7 +91,9 @@ impl Proxy {
         Ok(Uri::from_parts(parts)?)
     }
 
-    pub async fn call(&self, call: Call) -> Response {
+    /// Passes `call` on. The status is sent once the answer is known to fit
+    /// in `limits.max`; an answer relayed after that is bound by `limits`.
+    pub async fn call(&self, call: Call, limits: Limits) -> Response {
         let Call { mut parts, body } = call;
         let uri = match self.target(&parts.uri) {
             Ok(u) => u,
@@ -93,29 +105,98 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         let req = http::Request::from_parts(parts, Full::new(body));
-        match self.client.request(req).await {
-            Ok(resp) => {
-                let (mut parts, incoming) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                // The whole answer is read while the call still holds its
-                // in-flight slot, so that draining waits for it.
-                match incoming.collect().await {
-                    Ok(b) => Response::from_parts(parts, Body::from(b.to_bytes())),
-                    Err(e) => text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("handler broke off its answer: {e}\n"),
-                    ),
-                }
-            }
+        let resp = match self.client.request(req).await {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(upstream = %self.upstream, error = %e, "handler unreachable");
-                text(
+                return text(
                     StatusCode::BAD_GATEWAY,
                     format!("handler at {} unreachable: {e}\n", self.upstream),
-                )
+                );
+            }
+        };
+        let (mut parts, incoming) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let max = limits.max;
+        // The status waits until the answer is known to fit in --max-body
+        // (see `output`). Small answers end within the prefix and are
+        // answered whole, as they always were.
+        let (head, incoming) = match read_prefix(incoming, max).await {
+            Ok(Rest::Ended(all)) => return Response::from_parts(parts, Body::from(all)),
+            Ok(Rest::Open(head, incoming)) => (head, incoming),
+            Err(e) => return self.failed(e, max),
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(n) if n > max as u64 => self.failed(Error::OutputTooLarge { max }, max),
+            // Known to fit: relayed as it arrives, within the call's bounds.
+            Some(_) => Response::from_parts(parts, output::relay(head, incoming, limits)),
+            // Unknown length: held until it ends (the call's --timeout bounds this).
+            None => match spool(head, incoming, max).await {
+                Ok(spool) => match spool.into_body().await {
+                    Ok((body, declare)) => {
+                        if let Some(len) = declare {
+                            parts
+                                .headers
+                                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                        }
+                        Response::from_parts(parts, body)
+                    }
+                    Err(e) => self.failed(e, max),
+                },
+                Err(e) => self.failed(e, max),
+            },
+        }
+    }
+
+    fn failed(&self, e: Error, max: usize) -> Response {
+        tracing::warn!(upstream = %self.upstream, error = %e, "cannot pass on the handler's answer");
+        match e {
+            Error::OutputTooLarge { .. } => output::too_large(max),
+            Error::AnswerCut(why) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("handler broke off its answer: {why}\n"),
+            ),
+            e => text(StatusCode::BAD_GATEWAY, format!("{e}\n")),
+        }
+    }
+}
+
+/// Reads an answer until it ends or passes [`PREFIX`] bytes.
+async fn read_prefix(mut incoming: Incoming, max: usize) -> Result<Rest, Error> {
+    let mut head = BytesMut::new();
+    while head.len() <= PREFIX {
+        match incoming.frame().await {
+            None => return Ok(Rest::Ended(head.freeze())),
+            Some(Err(e)) => return Err(Error::AnswerCut(e.to_string())),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if data.len() > max - head.len() {
+                        return Err(Error::OutputTooLarge { max });
+                    }
+                    head.extend_from_slice(&data);
+                }
             }
         }
     }
+    Ok(Rest::Open(head.freeze(), incoming))
+}
+
+/// Holds the rest of an answer of unknown length until it ends.
+async fn spool(head: Bytes, mut incoming: Incoming, max: usize) -> Result<Spool, Error> {
+    let mut spool = Spool::new(max);
+    spool.push(&head).await?;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| Error::AnswerCut(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            spool.push(&data).await?;
+        }
+    }
+    Ok(spool)
 }
 
 /// The http-mode handler process.

@@ -14,12 +14,14 @@ use bytes::Bytes;
 use ebb_model::refusal;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, RefusalLabels, RefusalReason, StatusLabels};
+use crate::output::Limits;
 use crate::{Config, fork, proxy};
 
 /// How calls reach the handler.
@@ -35,10 +37,10 @@ pub struct Call {
 }
 
 impl Runner {
-    async fn call(&self, call: Call, timeout: Duration) -> Response {
+    async fn call(&self, call: Call, timeout: Duration, limits: Limits) -> Response {
         match self {
             Runner::Fork(f) => f.call(call, timeout).await,
-            Runner::Http(p) => match tokio::time::timeout(timeout, p.call(call)).await {
+            Runner::Http(p) => match tokio::time::timeout(timeout, p.call(call, limits)).await {
                 Ok(r) => r,
                 Err(_) => text(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -198,16 +200,18 @@ fn refusal(state: &State, reason: RefusalReason) -> Response {
     resp
 }
 
-/// Decrements the in-flight gauge however the call ends (including when the
-/// client goes away and the future is dropped).
-struct InflightGuard<'a> {
-    metrics: &'a Metrics,
+/// Holds the call's slot and decrements the in-flight gauge however the call
+/// ends (including when the client goes away and the future is dropped). It
+/// goes with the answer's body, so a call counts until its answer was sent
+/// and draining waits for answers still streaming.
+struct InflightGuard {
+    inflight: Gauge,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for InflightGuard<'_> {
+impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.metrics.inflight.dec();
+        self.inflight.dec();
     }
 }
 
@@ -246,8 +250,8 @@ async fn admit_and_call(state: &State, req: Request) -> Response {
         return refusal(state, RefusalReason::Busy);
     };
     state.metrics.inflight.inc();
-    let _guard = InflightGuard {
-        metrics: &state.metrics,
+    let guard = InflightGuard {
+        inflight: state.metrics.inflight.clone(),
         _permit: permit,
     };
 
@@ -264,14 +268,27 @@ async fn admit_and_call(state: &State, req: Request) -> Response {
             );
         }
     };
-    tokio::select! {
-        resp = state.runner.call(Call { parts, body }, state.timeout) => resp,
+    let limits = Limits {
+        max: state.max_body,
+        deadline: Instant::now() + state.timeout,
+        cut_off: state.cut_off.clone(),
+    };
+    let resp = tokio::select! {
+        resp = state.runner.call(Call { parts, body }, state.timeout, limits) => resp,
         () = state.cut_off.cancelled() => {
             let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "cut off: the worker's drain timeout passed\n");
             resp.headers_mut().insert(refusal::HEADER, HeaderValue::from_static(refusal::DRAINING));
             resp
         }
-    }
+    };
+    // The slot is freed when the body is done with (sent or dropped); the
+    // frames themselves pass unchanged, and so does the body's size.
+    resp.map(|b| {
+        Body::new(b.map_frame(move |frame| {
+            let _slot = &guard;
+            frame
+        }))
+    })
 }
 
 /// Turns a body into a response body (used by the runners).
