@@ -76,6 +76,7 @@ async fn routing_follows_deployments_live() {
     let mut cmd = ebb_command();
     cmd.args(["connector", "nats", "--kubernetes", "--url", nats.url()])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--retain-removed", "1s"])
         .env("KUBECONFIG", api.kubeconfig(dir.path()));
     let mut connector = ChildGuard::spawn("connector", &mut cmd);
 
@@ -140,7 +141,8 @@ async fn routing_follows_deployments_live() {
     })
     .await;
 
-    // A removed Deployment stops receiving: its consumer goes away.
+    // A removed Deployment stops receiving: its consumer goes away once its
+    // retention passed.
     assert!(api.delete_deployment("shop", "alpha"));
     wait_for("consumer of shop/alpha removed", async || {
         !consumer_exists(&js, "ebb-shop-alpha").await

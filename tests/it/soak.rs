@@ -216,15 +216,15 @@ async fn soak(mut bus: Bus) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let delivered = function.delivered();
-        if delivered == EVENTS {
+        if delivered == EVENTS && kills == 3 {
             break;
         }
         if delivered != last_progress.0 {
             last_progress = (delivered, Instant::now());
         }
-        // Chaos at a quarter, half and three quarters delivered; the broker
-        // restarts between the second and third kill.
-        if kills < 3 && delivered >= EVENTS * (kills + 1) / 4 {
+        // Chaos while events flow: at a quarter, half and three quarters
+        // published; the broker restarts between the second and third kill.
+        if kills < 3 && published >= EVENTS * (kills + 1) / 4 {
             connector.signal(Signal::SIGKILL);
             let _ = connector.wait(Duration::from_secs(10)).await;
             kills += 1;
